@@ -1,0 +1,1 @@
+"""Forge: institutional memory with an event backbone."""

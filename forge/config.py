@@ -1,0 +1,128 @@
+"""Settings of Forge, read from `FORGE_*` environment variables.
+
+Command-line flags override the environment by building `ForgeSettings` with explicit values.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from forge.exceptions import ConfigurationError
+
+
+class EventBackend(str, Enum):
+    """Where events travel: the embedded SQLite event log or Apache Kafka."""
+
+    SQLITE = "sqlite"
+    KAFKA = "kafka"
+
+
+class StoreBackend(str, Enum):
+    """Where the capsule, audit, dead-letter, outbox and inbox stores live."""
+
+    SQLITE = "sqlite"
+    POSTGRES = "postgres"
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "forge"
+
+
+class ForgeSettings(BaseSettings):
+    """All settings of the event system; each field is read from `FORGE_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="FORGE_", extra="ignore", frozen=True)
+
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Folder of the embedded SQLite file and other local state.",
+    )
+    event_backend: EventBackend = EventBackend.SQLITE
+    store_backend: StoreBackend | None = Field(
+        default=None,
+        description="Defaults to sqlite with the sqlite event backend, postgres with kafka.",
+    )
+
+    # Apache Kafka
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    kafka_topic_partitions: int = Field(default=3, ge=1)
+    kafka_replication_factor: int = Field(default=1, ge=1)
+    kafka_client_id: str = "forge"
+
+    # PostgreSQL
+    postgres_dsn: str = "postgresql://forge@127.0.0.1:54329/forge"
+
+    # Consumers
+    consumer_max_attempts: int = Field(
+        default=5, ge=1, description="Handler calls per event before it is parked."
+    )
+    consumer_retry_backoff_seconds: float = Field(
+        default=0.2, ge=0, description="Delay before the first retry; doubled for each next one."
+    )
+    consumer_retry_backoff_max_seconds: float = Field(default=5.0, ge=0)
+    consumer_batch_size: int = Field(default=500, ge=1)
+    consumer_poll_interval_seconds: float = Field(
+        default=0.05, gt=0, description="Idle wait between polls of the embedded event log."
+    )
+    consumer_session_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A group member silent this long is considered gone (embedded event log).",
+    )
+    consumer_stop_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    # Events
+    max_event_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Largest serialized event accepted, in bytes."
+    )
+
+    # SQLite
+    sqlite_synchronous: str = Field(
+        default="FULL",
+        description="PRAGMA synchronous: FULL survives power loss, NORMAL only a process crash.",
+    )
+    sqlite_busy_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    # HTTP API
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+
+    # Logging
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @field_validator("sqlite_synchronous")
+    @classmethod
+    def _check_synchronous(cls, value: str) -> str:
+        value = value.upper()
+        if value not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ValueError(
+                f"invalid FORGE_SQLITE_SYNCHRONOUS {value!r}; use OFF, NORMAL, FULL or EXTRA"
+            )
+        return value
+
+    @property
+    def effective_store_backend(self) -> StoreBackend:
+        if self.store_backend is not None:
+            return self.store_backend
+        if self.event_backend is EventBackend.KAFKA:
+            return StoreBackend.POSTGRES
+        return StoreBackend.SQLITE
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "forge.sqlite3"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> ForgeSettings:
+    """Return the process-wide settings read from the environment."""
+    try:
+        return ForgeSettings()
+    except ValueError as error:
+        raise ConfigurationError(f"Invalid FORGE_* setting: {error}") from error

@@ -1,0 +1,101 @@
+"""Encoding of events to log records and back, shared by every backend.
+
+Decoding is done by this code, never inside a broker client, so that a malformed record becomes
+an `EventValidationError` that the consumer can park instead of breaking its loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from forge.exceptions import EventTooLargeError, EventValidationError, FieldProblem
+from forge.models.events import Event, parse_event
+
+HEADER_EVENT_ID = "event_id"
+HEADER_EVENT_TYPE = "event_type"
+HEADER_SCHEMA_VERSION = "schema_version"
+HEADER_CORRELATION_ID = "correlation_id"
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedEvent:
+    """An event ready to append: topic, key, JSON value and headers."""
+
+    event: Event[Any]
+    topic: str
+    key: str | None
+    value: bytes
+    headers: dict[str, str]
+
+
+def event_headers(event: Event[Any]) -> dict[str, str]:
+    """Return the headers that let a router or dead-letter store work without parsing the value."""
+    headers = {
+        HEADER_EVENT_ID: str(event.id),
+        HEADER_EVENT_TYPE: event.type.value,
+        HEADER_SCHEMA_VERSION: str(event.schema_version),
+    }
+    if event.correlation_id is not None:
+        headers[HEADER_CORRELATION_ID] = str(event.correlation_id)
+    return headers
+
+
+def encode_event(event: Event[Any], max_bytes: int) -> EncodedEvent:
+    """Serialize an event; raise `EventTooLargeError` when it exceeds `max_bytes`."""
+    value = event.to_json()
+    if len(value) > max_bytes:
+        raise EventTooLargeError(
+            f"Event {event.id} ({event.type.value}) is {len(value)} bytes, over the limit of "
+            f"{max_bytes} bytes. Store large content elsewhere and reference it, or raise "
+            "FORGE_MAX_EVENT_BYTES.",
+            [FieldProblem("<event>", len(value), f"over {max_bytes} bytes")],
+        )
+    return EncodedEvent(event, event.topic, event.key, value, event_headers(event))
+
+
+def decode_event(
+    value: bytes, max_bytes: int, headers: Mapping[str, str] | None = None
+) -> Event[Any]:
+    """Parse a record value into its typed event.
+
+    Raises:
+        EventValidationError: the value is too large, not UTF-8 JSON, of an unknown type, of a
+            newer schema, or has invalid fields. The message names the problem.
+    """
+    if len(value) > max_bytes:
+        raise EventTooLargeError(
+            f"Record is {len(value)} bytes, over the limit of {max_bytes} bytes; it was not "
+            "parsed. Raise FORGE_MAX_EVENT_BYTES on this consumer if such events are expected.",
+            [FieldProblem("<record>", len(value), f"over {max_bytes} bytes")],
+        )
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise EventValidationError(
+            f"Record is not valid UTF-8 (byte {error.start}: {value[error.start : error.start + 4]!r}). "
+            "Producers must send UTF-8 JSON.",
+            [FieldProblem("<record>", value[:40], "invalid UTF-8")],
+        ) from error
+    event = parse_event(value)
+    if headers:
+        _check_headers(event, headers)
+    return event
+
+
+def _check_headers(event: Event[Any], headers: Mapping[str, str]) -> None:
+    header_type = headers.get(HEADER_EVENT_TYPE)
+    if header_type is not None and header_type != event.type.value:
+        raise EventValidationError(
+            f"Header event_type={header_type!r} does not match the value's type "
+            f"{event.type.value!r}; the record was written by a faulty producer.",
+            [FieldProblem("headers.event_type", header_type, "does not match value")],
+        )
+    header_id = headers.get(HEADER_EVENT_ID)
+    if header_id is not None and header_id != str(event.id):
+        raise EventValidationError(
+            f"Header event_id={header_id!r} does not match the value's id {event.id}; the "
+            "record was written by a faulty producer.",
+            [FieldProblem("headers.event_id", header_id, "does not match value")],
+        )

@@ -1,0 +1,76 @@
+"""Dead letters: events a consumer group could not decode or handle, parked with the reason.
+
+A parked event is never dropped. `forge dlq list` shows it and `forge dlq retry` asks the
+group's consumer to deliver it again to the handler that failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Protocol, runtime_checkable
+
+DECODE_STAGE = "decode"
+"""`DeadLetter.handler` of a record that could not be parsed into an event."""
+
+
+class DeadLetterStatus(str, Enum):
+    PARKED = "parked"
+    RETRY_REQUESTED = "retry_requested"
+    RESOLVED = "resolved"
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A parked record with why it was parked, by which handler, after how many attempts."""
+
+    group_id: str
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: bytes
+    headers: Mapping[str, str]
+    reason: str
+    error_type: str
+    handler: str
+    attempts: int
+    event_id: str | None = None
+    event_type: str | None = None
+    parked_at: datetime | None = None
+    status: DeadLetterStatus = DeadLetterStatus.PARKED
+    id: int | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class DeadLetterStore(Protocol):
+    """Keeps dead letters durably; one record per (group, topic, partition, offset, handler)."""
+
+    async def park(self, letters: Sequence[DeadLetter]) -> None:
+        """Store the letters; parking the same record and handler again updates it."""
+
+    async def list(
+        self,
+        *,
+        group_id: str | None = None,
+        status: DeadLetterStatus | None = None,
+        limit: int = 100,
+    ) -> list[DeadLetter]: ...
+
+    async def request_retry(
+        self, ids: Sequence[int] | None = None, *, group_id: str | None = None
+    ) -> int:
+        """Mark parked letters (all of them when `ids` is None) for redelivery; return the count."""
+
+    async def claim_retries(self, group_id: str, limit: int = 100) -> list[DeadLetter]:
+        """Return the letters of `group_id` waiting for redelivery."""
+
+    async def mark_resolved(self, letter_id: int) -> None: ...
+
+    async def mark_parked(
+        self, letter_id: int, reason: str, error_type: str, attempts: int
+    ) -> None:
+        """Park a redelivered letter again after it failed, adding `attempts` to its count."""

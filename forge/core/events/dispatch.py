@@ -1,0 +1,326 @@
+"""Handler dispatch shared by every consumer backend: decode, call, retry, park.
+
+A consumer fetches records and hands them to `Dispatcher.dispatch`. Each record ends in one of
+two states: handled by every handler, or parked as a dead letter with the reason. The consumer
+commits its position only after that, so no event is skipped without a trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from forge.config import ForgeSettings
+from forge.core.events.codec import decode_event
+from forge.core.events.context import caused_by
+from forge.core.events.dead_letters import DECODE_STAGE, DeadLetter
+from forge.core.events.ports import BatchEventHandler, EventHandler, LogRecord
+from forge.exceptions import EventRejectedError, EventValidationError
+from forge.logging import get_logger
+from forge.models.events import Event, EventType
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often a failing handler is called again, and how long to wait in between."""
+
+    max_attempts: int = 5
+    initial_backoff_seconds: float = 0.2
+    max_backoff_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+
+    @classmethod
+    def from_settings(cls, settings: ForgeSettings) -> RetryPolicy:
+        return cls(
+            max_attempts=settings.consumer_max_attempts,
+            initial_backoff_seconds=settings.consumer_retry_backoff_seconds,
+            max_backoff_seconds=settings.consumer_retry_backoff_max_seconds,
+        )
+
+    def backoff(self, failed_attempt: int) -> float:
+        """Return the wait in seconds after attempt number `failed_attempt` (1-based) failed."""
+        delay: float = self.initial_backoff_seconds * (2 ** (failed_attempt - 1))
+        return min(delay, self.max_backoff_seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredHandler:
+    name: str
+    function: Any
+    is_batch: bool
+
+    async def call(self, events: Sequence[Event[Any]]) -> None:
+        if self.is_batch:
+            await self.function(events)
+            return
+        for event in events:
+            await self.function(event)
+
+
+def handler_name(function: Any) -> str:
+    """Return a stable name for a handler: `module.qualname`."""
+    module = getattr(function, "__module__", None) or "?"
+    qualname = getattr(function, "__qualname__", None) or type(function).__qualname__
+    return f"{module}.{qualname}"
+
+
+class HandlerRegistry:
+    """Handlers of one consumer, per event type, in registration order."""
+
+    def __init__(self) -> None:
+        self._single: dict[EventType, list[RegisteredHandler]] = {}
+        self._batch: list[tuple[frozenset[EventType], RegisteredHandler]] = []
+        self._by_name: dict[str, RegisteredHandler] = {}
+
+    def add(self, event_type: EventType, handler: EventHandler, name: str | None = None) -> None:
+        if not isinstance(event_type, EventType):
+            raise TypeError(f"event_type must be an EventType member, got {event_type!r}")
+        registered = self._register(
+            RegisteredHandler(name or handler_name(handler), handler, False)
+        )
+        self._single.setdefault(event_type, []).append(registered)
+
+    def add_batch(
+        self,
+        event_types: Sequence[EventType],
+        handler: BatchEventHandler,
+        name: str | None = None,
+    ) -> None:
+        types = frozenset(event_types)
+        if not types:
+            raise ValueError("a batch handler needs at least one event type")
+        registered = self._register(RegisteredHandler(name or handler_name(handler), handler, True))
+        self._batch.append((types, registered))
+
+    def _register(self, handler: RegisteredHandler) -> RegisteredHandler:
+        existing = self._by_name.get(handler.name)
+        if existing is not None and existing.function is not handler.function:
+            raise ValueError(
+                f"Another handler is already registered as {handler.name!r}; pass a distinct "
+                "name= so that dead letters can name the handler that failed."
+            )
+        self._by_name[handler.name] = handler
+        return existing or handler
+
+    @property
+    def event_types(self) -> set[EventType]:
+        types = set(self._single)
+        for batch_types, _ in self._batch:
+            types |= batch_types
+        return types
+
+    @property
+    def batch_handlers(self) -> list[tuple[frozenset[EventType], RegisteredHandler]]:
+        return list(self._batch)
+
+    def single_handlers(self, event_type: EventType) -> list[RegisteredHandler]:
+        return self._single.get(event_type, [])
+
+    def all_handlers(self, event_type: EventType) -> list[RegisteredHandler]:
+        batch = [handler for types, handler in self._batch if event_type in types]
+        return batch + self.single_handlers(event_type)
+
+    def by_name(self, name: str) -> RegisteredHandler | None:
+        return self._by_name.get(name)
+
+
+class DispatchInterruptedError(Exception):
+    """Stop was requested while a handler was waiting to be retried."""
+
+
+@dataclass(slots=True)
+class DispatchResult:
+    """How many leading records are finished (handled or parked) and which were parked."""
+
+    completed: int
+    dead_letters: list[DeadLetter]
+    handled: int = 0
+
+
+@dataclass(slots=True)
+class _Failure:
+    error: BaseException
+    attempts: int
+
+
+class Dispatcher:
+    """Decodes records and runs every handler on them, with bounded retries and parking."""
+
+    def __init__(
+        self,
+        group_id: str,
+        registry: HandlerRegistry,
+        policy: RetryPolicy,
+        max_event_bytes: int,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.group_id = group_id
+        self.registry = registry
+        self.policy = policy
+        self.max_event_bytes = max_event_bytes
+        self._stopping = stopping
+
+    async def dispatch(self, records: Sequence[LogRecord]) -> DispatchResult:
+        """Handle or park every record, in order.
+
+        Returns early, with `completed` below `len(records)`, only when stop was requested
+        during a retry wait; the records from `completed` on must then be delivered again.
+        """
+        decoded: list[Event[Any] | None] = []
+        letters: list[tuple[int, DeadLetter]] = []
+        for i, record in enumerate(records):
+            try:
+                decoded.append(decode_event(record.value, self.max_event_bytes, record.headers))
+            except EventValidationError as error:
+                decoded.append(None)
+                letters.append((i, self._letter(record, None, DECODE_STAGE, error, attempts=1)))
+
+        # Batch handlers see all their events at once. When one fails, each of its events is
+        # retried alone below, so that one bad event cannot hold up the others.
+        retry_alone: dict[int, list[RegisteredHandler]] = {}
+        for types, handler in self.registry.batch_handlers:
+            positions = [i for i, event in enumerate(decoded) if event and event.type in types]
+            if not positions:
+                continue
+            try:
+                with caused_by(decoded[positions[0]]):  # type: ignore[arg-type]
+                    await handler.call([decoded[i] for i in positions])  # type: ignore[misc]
+            except Exception as error:
+                logger.warning(
+                    "batch_handler_failed",
+                    group_id=self.group_id,
+                    handler=handler.name,
+                    events=len(positions),
+                    error=repr(error),
+                )
+                for i in positions:
+                    retry_alone.setdefault(i, []).append(handler)
+
+        handled = 0
+        for i, event in enumerate(decoded):
+            if event is None:
+                continue
+            handlers = retry_alone.get(i, []) + self.registry.single_handlers(event.type)
+            for handler in handlers:
+                try:
+                    failure = await self._call_with_retries(handler, event)
+                except DispatchInterruptedError:
+                    # Records from i on are delivered again after a restart, so their letters
+                    # must not be stored now.
+                    kept = [letter for position, letter in letters if position < i]
+                    return DispatchResult(i, kept, handled)
+                if failure is not None:
+                    letter = self._letter(
+                        records[i], event, handler.name, failure.error, failure.attempts
+                    )
+                    letters.append((i, letter))
+            handled += 1
+        return DispatchResult(len(records), [letter for _, letter in letters], handled)
+
+    async def redeliver(self, letter: DeadLetter) -> DeadLetter | None:
+        """Deliver a parked record again; return None on success or the letter's new state."""
+        record = LogRecord(
+            letter.topic, letter.partition, letter.offset, letter.key, letter.value, letter.headers
+        )
+        try:
+            event = decode_event(record.value, self.max_event_bytes, record.headers)
+        except EventValidationError as error:
+            return self._letter(record, None, DECODE_STAGE, error, attempts=1)
+
+        if letter.handler == DECODE_STAGE:
+            handlers = self.registry.all_handlers(event.type)
+        else:
+            found = self.registry.by_name(letter.handler)
+            if found is None:
+                error = LookupError(
+                    f"Handler {letter.handler!r} is not registered in consumer group "
+                    f"{self.group_id!r}; register it, then retry the dead letter again."
+                )
+                return self._letter(record, event, letter.handler, error, attempts=0)
+            handlers = [found]
+
+        for handler in handlers:
+            failure = await self._call_with_retries(handler, event)
+            if failure is not None:
+                return self._letter(record, event, handler.name, failure.error, failure.attempts)
+        return None
+
+    async def _call_with_retries(
+        self, handler: RegisteredHandler, event: Event[Any]
+    ) -> _Failure | None:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                with caused_by(event):
+                    await handler.call([event])
+                return None
+            except Exception as error:
+                if attempt >= self.policy.max_attempts or isinstance(error, EventRejectedError):
+                    return _Failure(error, attempt)
+                delay = self.policy.backoff(attempt)
+                logger.warning(
+                    "handler_retry",
+                    group_id=self.group_id,
+                    handler=handler.name,
+                    event_id=str(event.id),
+                    event_type=event.type.value,
+                    attempt=attempt,
+                    retry_in_seconds=delay,
+                    error=repr(error),
+                )
+                if await self._stop_requested_within(delay):
+                    raise DispatchInterruptedError from error
+
+    async def _stop_requested_within(self, seconds: float) -> bool:
+        if self._stopping.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    def _letter(
+        self,
+        record: LogRecord,
+        event: Event[Any] | None,
+        handler: str,
+        error: BaseException,
+        attempts: int,
+    ) -> DeadLetter:
+        reason = str(error) or repr(error)
+        letter = DeadLetter(
+            group_id=self.group_id,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            value=record.value,
+            headers=dict(record.headers),
+            reason=reason,
+            error_type=type(error).__name__,
+            handler=handler,
+            attempts=attempts,
+            event_id=str(event.id) if event is not None else record.headers.get("event_id"),
+            event_type=event.type.value if event is not None else record.headers.get("event_type"),
+        )
+        logger.warning(
+            "event_parked",
+            group_id=self.group_id,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            event_id=letter.event_id,
+            handler=handler,
+            attempts=attempts,
+            reason=reason[:500],
+        )
+        return letter

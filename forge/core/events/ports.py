@@ -1,0 +1,84 @@
+"""Ports of the event system: what every backend (embedded SQLite, Kafka) implements.
+
+`core` code depends on these Protocols only, never on a driver. Each backend passes the same
+contract tests in `tests/contract/`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+from forge.models.events import Event, EventType
+
+EventHandler = Callable[[Event[Any]], Awaitable[None]]
+"""Reacts to one event; raising means the event was not handled and will be retried."""
+
+BatchEventHandler = Callable[[Sequence[Event[Any]]], Awaitable[None]]
+"""Reacts to several events at once, in log order; raising retries them one by one."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    """One record as stored in a topic, before it is decoded into an event."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timestamp: datetime | None = None
+
+
+@runtime_checkable
+class EventPublisher(Protocol):
+    """Appends events to their topics (`forge.<type>`), keyed by resource id."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def publish(self, event: Event[Any]) -> None:
+        """Return once the event is durably accepted, or raise `PublishError`."""
+
+    async def publish_batch(self, events: Sequence[Event[Any]]) -> None:
+        """Publish all events, or raise `BatchPublishError` naming exactly the ones that failed."""
+
+
+@runtime_checkable
+class EventConsumer(Protocol):
+    """Delivers events of subscribed types to handlers, as one member of a consumer group."""
+
+    def register_handler(
+        self, event_type: EventType, handler: EventHandler, *, name: str | None = None
+    ) -> None: ...
+
+    def register_batch_handler(
+        self,
+        event_types: Sequence[EventType],
+        handler: BatchEventHandler,
+        *,
+        name: str | None = None,
+    ) -> None: ...
+
+    async def start(self, event_types: Sequence[EventType] | None = None) -> None: ...
+
+    async def run(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class EventLogReader(Protocol):
+    """Reads records of topics without joining a consumer group (for `forge events tail`)."""
+
+    def read(
+        self,
+        event_types: Sequence[EventType] | None = None,
+        *,
+        from_beginning: bool = True,
+        follow: bool = False,
+    ) -> AsyncIterator[LogRecord]: ...

@@ -1,0 +1,276 @@
+"""The embedded event log: one topic per event type in the SQLite file.
+
+Each topic has its own offsets, starting at 0, as a Kafka partition does; the embedded log has
+one partition per topic. A global sequence number (`seq`) orders all appends, so a consumer of
+several topics sees events in the order they were written.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import orjson
+
+from forge.core.events.codec import EncodedEvent, encode_event
+from forge.core.events.ports import LogRecord
+from forge.exceptions import (
+    BatchPublishError,
+    EventValidationError,
+    NotStartedError,
+    PublishError,
+    StorageError,
+)
+from forge.infrastructure.sqlite.database import SqliteDatabase
+from forge.logging import get_logger
+from forge.models.events import Event, EventType, parse_event, topic_for
+
+logger = get_logger(__name__)
+
+PARTITION = 0
+"""The embedded log has a single partition per topic."""
+
+_SELECT_RECORD = "SELECT seq, topic, log_offset, key, value, headers, appended_at FROM event_log"
+
+
+def append_records(
+    connection: sqlite3.Connection,
+    records: Iterable[tuple[str, str | None, bytes, Mapping[str, str]]],
+) -> list[tuple[str, int]]:
+    """Append (topic, key, value, headers) rows inside the caller's transaction.
+
+    Returns the (topic, offset) of each row. Must run inside a write transaction, because the
+    next offset of a topic is read and then advanced.
+    """
+    appended_at = datetime.now(UTC).isoformat()
+    next_offsets: dict[str, int] = {}
+    rows: list[tuple[Any, ...]] = []
+    positions: list[tuple[str, int]] = []
+    for topic, key, value, headers in records:
+        if topic not in next_offsets:
+            found = connection.execute(
+                "SELECT next_offset FROM topics WHERE name = ?", (topic,)
+            ).fetchone()
+            next_offsets[topic] = found[0] if found else 0
+        offset = next_offsets[topic]
+        next_offsets[topic] = offset + 1
+        rows.append((topic, offset, key, value, orjson.dumps(dict(headers)).decode(), appended_at))
+        positions.append((topic, offset))
+    connection.executemany(
+        "INSERT INTO event_log (topic, log_offset, key, value, headers, appended_at) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    connection.executemany(
+        "INSERT INTO topics (name, next_offset) VALUES (?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET next_offset = excluded.next_offset",
+        list(next_offsets.items()),
+    )
+    return positions
+
+
+def append_events(connection: sqlite3.Connection, encoded: Sequence[EncodedEvent]) -> None:
+    """Append encoded events inside the caller's transaction."""
+    append_records(
+        connection, ((item.topic, item.key, item.value, item.headers) for item in encoded)
+    )
+
+
+def row_to_record(row: sqlite3.Row | tuple[Any, ...]) -> LogRecord:
+    _, topic, offset, key, value, headers, appended_at = row
+    try:
+        parsed_headers = {str(k): str(v) for k, v in orjson.loads(headers).items()}
+    except (orjson.JSONDecodeError, AttributeError):
+        # Headers are only a routing aid; a record with broken headers is still decoded
+        # from its value, and parked from there if that is broken too.
+        parsed_headers = {}
+    return LogRecord(
+        topic=topic,
+        partition=PARTITION,
+        offset=offset,
+        key=key,
+        value=bytes(value) if not isinstance(value, bytes) else value,
+        headers=parsed_headers,
+        timestamp=datetime.fromisoformat(appended_at),
+    )
+
+
+class SqliteEventLog:
+    """Publisher and reader of the embedded event log.
+
+    `publish_batch` is atomic: all events are appended in one transaction, or none is.
+    """
+
+    def __init__(self, database: SqliteDatabase, *, max_event_bytes: int = 1024 * 1024) -> None:
+        self._database = database
+        self._max_event_bytes = max_event_bytes
+        self._started = False
+
+    async def __aenter__(self) -> SqliteEventLog:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        await self._database.open()
+        self._started = True
+
+    async def stop(self) -> None:
+        self._started = False
+
+    async def publish(self, event: Event[Any]) -> None:
+        await self.publish_batch([event])
+
+    async def publish_batch(self, events: Sequence[Event[Any]]) -> None:
+        if not self._started:
+            raise NotStartedError("SqliteEventLog is not started; call start() first")
+        if not events:
+            return
+
+        encoded: list[EncodedEvent] = []
+        invalid: dict[Any, BaseException] = {}
+        for event in events:
+            try:
+                encoded.append(encode_event(event, self._max_event_bytes))
+            except EventValidationError as error:
+                invalid[event.id] = error
+        if invalid:
+            # Nothing was written: report the invalid events with their reason and the valid
+            # ones as not written, so that the caller can fix and resend the whole batch.
+            failed = {
+                event.id: invalid.get(event.id)
+                or PublishError("not written because another event of the batch was invalid")
+                for event in events
+            }
+            first = next(iter(invalid.values()))
+            raise BatchPublishError(
+                f"{len(invalid)} of {len(events)} events are invalid, so none was written. "
+                f"First error: {first}",
+                failed,
+                acknowledged=0,
+            )
+
+        try:
+            await self._database.write(lambda connection: append_events(connection, encoded))
+        except StorageError as error:
+            raise PublishError(
+                f"Appending {len(events)} event(s) to the event log failed, none was written: "
+                f"{error}"
+            ) from error
+        self._database.notify_appended()
+        for item in encoded:
+            logger.debug(
+                "event_published",
+                event_id=str(item.event.id),
+                event_type=item.event.type.value,
+                topic=item.topic,
+            )
+
+    async def append_raw(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> int:
+        """Append a record as given, without validation; return its offset.
+
+        This is for integrations that write foreign records and for tests: a malformed value
+        is parked by consumers with the reason.
+        """
+        positions = await self._database.write(
+            lambda connection: append_records(connection, [(topic, key, value, headers or {})])
+        )
+        self._database.notify_appended()
+        return positions[0][1]
+
+    async def events_for_resource(
+        self, resource_id: UUID, *, until: datetime | None = None
+    ) -> list[Event[Any]]:
+        """Return the events keyed by `resource_id`, oldest first, up to `until` if given.
+
+        Records that cannot be decoded are left out: consumers park them with the reason.
+        """
+
+        def select(connection: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return connection.execute(
+                "SELECT value FROM event_log WHERE key = ? ORDER BY seq", (str(resource_id),)
+            ).fetchall()
+
+        events: list[Event[Any]] = []
+        for (value,) in await self._database.read(select):
+            try:
+                event = parse_event(bytes(value))
+            except EventValidationError:
+                continue
+            if until is None or event.timestamp <= until:
+                events.append(event)
+        return events
+
+    async def end_offsets(self, topics: Sequence[str] | None = None) -> dict[str, int]:
+        """Return the next offset of each topic (the number of records appended to it)."""
+
+        def query(connection: sqlite3.Connection) -> dict[str, int]:
+            rows = connection.execute("SELECT name, next_offset FROM topics").fetchall()
+            return {name: offset for name, offset in rows if topics is None or name in topics}
+
+        return await self._database.read(query)
+
+    async def read(
+        self,
+        event_types: Sequence[EventType] | None = None,
+        *,
+        from_beginning: bool = True,
+        follow: bool = False,
+        poll_interval: float = 0.2,
+    ) -> AsyncIterator[LogRecord]:
+        """Yield records of the given types (all topics when None) in append order."""
+        topics = [topic_for(event_type) for event_type in event_types] if event_types else None
+        cursor = 0 if from_beginning else await self._database.read(max_seq)
+        while True:
+            rows = await self._database.read(
+                lambda connection, after=cursor: fetch_records(connection, topics, after, 500)
+            )
+            for row in rows:
+                cursor = row[0]
+                yield row_to_record(row)
+            if rows:
+                continue
+            if not follow:
+                return
+            await self._database.wait_for_append(poll_interval)
+
+
+def max_seq(connection: sqlite3.Connection) -> int:
+    value = connection.execute("SELECT MAX(seq) FROM event_log").fetchone()[0]
+    return int(value or 0)
+
+
+def fetch_records(
+    connection: sqlite3.Connection, topics: Sequence[str] | None, after_seq: int, limit: int
+) -> list[tuple[Any, ...]]:
+    if topics is None:
+        return connection.execute(
+            f"{_SELECT_RECORD} WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+        ).fetchall()
+    placeholders = ",".join("?" * len(topics))
+    return connection.execute(
+        f"{_SELECT_RECORD} WHERE seq > ? AND topic IN ({placeholders}) ORDER BY seq LIMIT ?",
+        (after_seq, *topics, limit),
+    ).fetchall()
+
+
+__all__ = [
+    "SqliteEventLog",
+    "append_events",
+    "append_records",
+    "fetch_records",
+    "max_seq",
+    "row_to_record",
+]

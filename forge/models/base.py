@@ -1,0 +1,92 @@
+"""Base models shared by Forge's domain models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Annotated, Any, NoReturn
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, JsonValue
+
+
+class ForgeBaseModel(BaseModel):
+    """Base of Forge's models.
+
+    Like the rest of Forge, it stores enum values (`use_enum_values=True`). Event models switch
+    that off so that `event.type` stays an `EventType` member.
+    """
+
+    model_config = ConfigDict(use_enum_values=True, populate_by_name=True)
+
+
+class FrozenDict(dict[str, Any]):
+    """A dict that raises on every mutation, so that frozen models stay frozen all the way down."""
+
+    def _reject(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("this mapping is part of an immutable event and cannot be changed")
+
+    __setitem__ = __delitem__ = _reject
+    clear = pop = popitem = setdefault = update = _reject  # type: ignore[assignment]
+    __ior__ = _reject  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items(), key=lambda item: item[0])))
+
+    def __copy__(self) -> FrozenDict:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenDict:
+        return self
+
+
+def deep_freeze(value: Any) -> Any:
+    """Return `value` with every dict made a `FrozenDict` and every list a tuple."""
+    if isinstance(value, dict):
+        return FrozenDict({key: deep_freeze(item) for key, item in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(deep_freeze(item) for item in value)
+    return value
+
+
+def _to_utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+"""A timezone-aware datetime, converted to UTC. A naive datetime is rejected."""
+
+FrozenJsonObject = Annotated[dict[str, JsonValue], AfterValidator(deep_freeze)]
+"""A JSON object that cannot be changed after validation."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class FrozenModel(ForgeBaseModel):
+    """An immutable model that also reads like a mapping: `data["title"]`, `data.get("title")`.
+
+    Event payloads use it so that code written against the specification's `dict` payloads
+    keeps working while every field is typed and validated.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=True)
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in type(self).model_fields:
+            return default
+        return getattr(self, key)
+
+    def keys(self) -> Iterator[str]:
+        return iter(type(self).model_fields)
+
+    def __contains__(self, key: object) -> bool:
+        return key in type(self).model_fields
+
+    def as_mapping(self) -> Mapping[str, Any]:
+        return self.model_dump(mode="json")
