@@ -14,11 +14,14 @@ import structlog
 
 
 def get_logger(name: str | None = None, **initial_values: Any) -> Any:
-    """Return a structlog logger bound to `logger=name`."""
-    logger = structlog.get_logger(**initial_values)
+    """Return a lazy structlog logger bound to `logger_name=name`.
+
+    The logger takes its configuration on first use, so loggers created at import time follow
+    a `configure_logging` call made later.
+    """
     if name is not None:
-        logger = logger.bind(logger=name)
-    return logger
+        initial_values["logger_name"] = name
+    return structlog.get_logger(**initial_values)
 
 
 def configure_logging(level: str = "INFO", json_output: bool = False) -> None:

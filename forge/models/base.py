@@ -26,8 +26,8 @@ class FrozenDict(dict[str, Any]):
         raise TypeError("this mapping is part of an immutable event and cannot be changed")
 
     __setitem__ = __delitem__ = _reject
-    clear = pop = popitem = setdefault = update = _reject  # type: ignore[assignment]
-    __ior__ = _reject  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = _reject
+    __ior__ = _reject
 
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(sorted(self.items(), key=lambda item: item[0])))
@@ -57,6 +57,9 @@ UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 
 FrozenJsonObject = Annotated[dict[str, JsonValue], AfterValidator(deep_freeze)]
 """A JSON object that cannot be changed after validation."""
+
+FrozenJsonValue = Annotated[JsonValue, AfterValidator(deep_freeze)]
+"""Any JSON value; objects and arrays in it cannot be changed after validation."""
 
 
 def utc_now() -> datetime:

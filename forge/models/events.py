@@ -17,9 +17,10 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 from uuid import UUID, uuid4
 
 import orjson
-from pydantic import ConfigDict, Field, JsonValue, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from forge.exceptions import (
+    MISSING,
     EventSchemaError,
     EventValidationError,
     FieldProblem,
@@ -29,6 +30,7 @@ from forge.models.base import (
     ForgeBaseModel,
     FrozenDict,
     FrozenJsonObject,
+    FrozenJsonValue,
     FrozenModel,
     UtcDatetime,
     utc_now,
@@ -216,8 +218,8 @@ class ImmuneResponseData(EventData):
 
 class ConfigChangedData(EventData):
     key: Name
-    old_value: JsonValue = None
-    new_value: JsonValue = None
+    old_value: FrozenJsonValue = None
+    new_value: FrozenJsonValue = None
 
 
 class ErrorOccurredData(EventData):
@@ -1028,7 +1030,20 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event[Any]:
     try:
         return event_class.model_validate(values)
     except ValidationError as error:
+        # Validation runs the typed class's `__init__`, which already raised an
+        # EventValidationError naming each field; pydantic wraps it as one value error.
+        raised_by_init = _event_validation_error_in(error)
+        if raised_by_init is not None:
+            raise raised_by_init from raised_by_init.__cause__
         raise _translate(error, values.get("type")) from error
+
+
+def _event_validation_error_in(error: ValidationError) -> EventValidationError | None:
+    for detail in error.errors(include_url=False):
+        inner = detail.get("ctx", {}).get("error")
+        if isinstance(inner, EventValidationError):
+            return inner
+    return None
 
 
 def _load_object(raw: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
@@ -1086,7 +1101,8 @@ def _translate(error: ValidationError, type_value: object) -> EventValidationErr
     problems = [
         FieldProblem(
             ".".join(str(part) for part in detail["loc"]) or "<event>",
-            detail.get("input"),
+            # pydantic gives the enclosing object as the input of a missing field.
+            MISSING if detail["type"] == "missing" else detail.get("input"),
             detail["msg"],
         )
         for detail in error.errors(include_url=False)

@@ -6,6 +6,8 @@ group's consumer to deliver it again to the handler that failed.
 
 from __future__ import annotations
 
+import builtins
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,14 +60,14 @@ class DeadLetterStore(Protocol):
         group_id: str | None = None,
         status: DeadLetterStatus | None = None,
         limit: int = 100,
-    ) -> list[DeadLetter]: ...
+    ) -> builtins.list[DeadLetter]: ...
 
     async def request_retry(
         self, ids: Sequence[int] | None = None, *, group_id: str | None = None
     ) -> int:
         """Mark parked letters (all of them when `ids` is None) for redelivery; return the count."""
 
-    async def claim_retries(self, group_id: str, limit: int = 100) -> list[DeadLetter]:
+    async def claim_retries(self, group_id: str, limit: int = 100) -> builtins.list[DeadLetter]:
         """Return the letters of `group_id` waiting for redelivery."""
 
     async def mark_resolved(self, letter_id: int) -> None: ...

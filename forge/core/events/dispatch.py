@@ -239,11 +239,11 @@ class Dispatcher:
         else:
             found = self.registry.by_name(letter.handler)
             if found is None:
-                error = LookupError(
+                missing = LookupError(
                     f"Handler {letter.handler!r} is not registered in consumer group "
                     f"{self.group_id!r}; register it, then retry the dead letter again."
                 )
-                return self._letter(record, event, letter.handler, error, attempts=0)
+                return self._letter(record, event, letter.handler, missing, attempts=0)
             handlers = [found]
 
         for handler in handlers:

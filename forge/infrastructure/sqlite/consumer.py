@@ -199,7 +199,9 @@ class SqliteEventConsumer:
         handled_before = self.handled_count
         deadline = time.monotonic() + timeout
         self._last_retry_check = 0.0
-        while await self.poll_once():
+        # A stop during a retry wait leaves the batch unfinished; polling on would call the
+        # handler again at once, without backoff, until the deadline.
+        while not self._stopping.is_set() and await self.poll_once():
             if time.monotonic() > deadline:
                 raise TimeoutError(f"drain() of {self._group_id!r} took over {timeout} s")
         return self.handled_count - handled_before

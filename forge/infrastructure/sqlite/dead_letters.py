@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+
 import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -111,7 +113,7 @@ class SqliteDeadLetterStore:
         group_id: str | None = None,
         status: DeadLetterStatus | None = None,
         limit: int = 100,
-    ) -> list[DeadLetter]:
+    ) -> builtins.list[DeadLetter]:
         conditions: list[str] = []
         parameters: list[Any] = []
         if group_id is not None:
@@ -123,7 +125,7 @@ class SqliteDeadLetterStore:
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         sql = f"SELECT {_COLUMNS} FROM dead_letters {where} ORDER BY id LIMIT ?"
 
-        def query(connection: sqlite3.Connection) -> list[DeadLetter]:
+        def query(connection: sqlite3.Connection) -> builtins.list[DeadLetter]:
             rows = connection.execute(sql, (*parameters, limit)).fetchall()
             return [_row_to_letter(row) for row in rows]
 
@@ -153,10 +155,10 @@ class SqliteDeadLetterStore:
 
         return await self._database.write(update)
 
-    async def claim_retries(self, group_id: str, limit: int = 100) -> list[DeadLetter]:
+    async def claim_retries(self, group_id: str, limit: int = 100) -> builtins.list[DeadLetter]:
         sql = f"SELECT {_COLUMNS} FROM dead_letters WHERE group_id = ? AND status = ? ORDER BY id LIMIT ?"
 
-        def query(connection: sqlite3.Connection) -> list[DeadLetter]:
+        def query(connection: sqlite3.Connection) -> builtins.list[DeadLetter]:
             rows = connection.execute(
                 sql, (group_id, DeadLetterStatus.RETRY_REQUESTED.value, limit)
             ).fetchall()

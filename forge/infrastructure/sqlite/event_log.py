@@ -8,6 +8,7 @@ several topics sees events in the order they were written.
 from __future__ import annotations
 
 import sqlite3
+from functools import partial
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -124,7 +125,19 @@ class SqliteEventLog:
         self._started = False
 
     async def publish(self, event: Event[Any]) -> None:
-        await self.publish_batch([event])
+        """Append one event.
+
+        Raises:
+            EventTooLargeError: the serialized event is over the limit; retrying cannot help.
+            PublishError: the event log could not be written; nothing was appended.
+        """
+        try:
+            await self.publish_batch([event])
+        except BatchPublishError as error:
+            invalid = error.failed.get(event.id)
+            if isinstance(invalid, EventValidationError):
+                raise invalid from error
+            raise
 
     async def publish_batch(self, events: Sequence[Event[Any]]) -> None:
         if not self._started:
@@ -148,12 +161,15 @@ class SqliteEventLog:
                 for event in events
             }
             first = next(iter(invalid.values()))
-            raise BatchPublishError(
+            batch_error = BatchPublishError(
                 f"{len(invalid)} of {len(events)} events are invalid, so none was written. "
                 f"First error: {first}",
                 failed,
                 acknowledged=0,
             )
+            # Sending the same batch again cannot succeed until the invalid events are fixed.
+            batch_error.retriable = False
+            raise batch_error
 
         try:
             await self._database.write(lambda connection: append_events(connection, encoded))
@@ -235,7 +251,7 @@ class SqliteEventLog:
         cursor = 0 if from_beginning else await self._database.read(max_seq)
         while True:
             rows = await self._database.read(
-                lambda connection, after=cursor: fetch_records(connection, topics, after, 500)
+                partial(fetch_records, topics=topics, after_seq=cursor, limit=500)
             )
             for row in rows:
                 cursor = row[0]

@@ -1,0 +1,388 @@
+"""HTTP API of Forge's event system: capsules, audit queries, replay, dead letters, health.
+
+`create_app` also runs the workers (the audit recorder) inside the server process unless told
+not to, so that `forge serve` is the whole system on the embedded default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Annotated, Any
+from uuid import UUID
+
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from forge.config import ForgeSettings
+from forge.core.audit.store import AuditQuery
+from forge.core.events.context import correlation_scope
+from forge.core.events.dead_letters import DeadLetter, DeadLetterStatus
+from forge.exceptions import (
+    ConflictError,
+    EventValidationError,
+    ForgeError,
+    NotFoundError,
+    StorageUnavailableError,
+)
+from forge.logging import get_logger
+from forge.models.capsule import Capsule, CapsuleCreate, CapsuleUpdate
+from forge.models.events import EventType
+from forge.runtime import Runtime
+
+logger = get_logger(__name__)
+
+CORRELATION_HEADER = "X-Correlation-ID"
+_WORKER_RESTART_SECONDS = 5.0
+
+
+class Worker:
+    """A consumer loop run in the server, restarted after a failure, with its last error kept."""
+
+    def __init__(self, name: str, runtime: Runtime) -> None:
+        self.name = name
+        self._runtime = runtime
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.last_error: str | None = None
+        self.running = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name=f"forge-worker-{self.name}")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+
+    async def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            consumer, _ = self._runtime.audit_consumer()
+            try:
+                await consumer.start()
+                self.running = True
+                self.last_error = None
+                run = asyncio.create_task(consumer.run())
+                stop = asyncio.create_task(self._stopping.wait())
+                await asyncio.wait({run, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                await consumer.stop()
+                if run.done() and not run.cancelled() and run.exception() is not None:
+                    raise run.exception()  # type: ignore[misc]
+            except Exception as error:
+                self.last_error = f"{type(error).__name__}: {error}"
+                logger.error(
+                    "worker_failed",
+                    worker=self.name,
+                    error=self.last_error,
+                    restart_in_seconds=_WORKER_RESTART_SECONDS,
+                )
+                with contextlib.suppress(ForgeError):
+                    await consumer.stop()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), _WORKER_RESTART_SECONDS)
+            finally:
+                self.running = False
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+    problems: list[dict[str, Any]] = []
+
+
+class AuditEntryBody(BaseModel):
+    event: dict[str, Any]
+    recorded_at: datetime
+
+
+class AuditPageBody(BaseModel):
+    entries: list[AuditEntryBody]
+    next_cursor: str | None
+
+
+class FieldDifferenceBody(BaseModel):
+    field: str
+    rebuilt: Any
+    stored: Any
+
+
+class ReplayBody(BaseModel):
+    capsule_id: UUID
+    at: datetime | None
+    events_applied: int
+    matches: bool
+    rebuilt: Capsule | None
+    stored: Capsule | None
+    differences: list[FieldDifferenceBody]
+    problems: list[str]
+
+
+class DeadLetterBody(BaseModel):
+    id: int | None
+    group_id: str
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    event_id: str | None
+    event_type: str | None
+    handler: str
+    reason: str
+    error_type: str
+    attempts: int
+    status: str
+    parked_at: datetime | None
+    value: str
+
+    @classmethod
+    def of(cls, letter: DeadLetter) -> DeadLetterBody:
+        return cls(
+            id=letter.id,
+            group_id=letter.group_id,
+            topic=letter.topic,
+            partition=letter.partition,
+            offset=letter.offset,
+            key=letter.key,
+            event_id=letter.event_id,
+            event_type=letter.event_type,
+            handler=letter.handler,
+            reason=letter.reason,
+            error_type=letter.error_type,
+            attempts=letter.attempts,
+            status=letter.status.value,
+            parked_at=letter.parked_at,
+            value=letter.value.decode("utf-8", errors="replace"),
+        )
+
+
+class RetryRequest(BaseModel):
+    ids: list[int] | None = None
+    group_id: str | None = None
+
+
+class RetryResponse(BaseModel):
+    requested: int
+
+
+def runtime_of(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+# Module-level aliases: FastAPI resolves string annotations in the module's namespace.
+RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
+ActorHeader = Annotated[
+    UUID, Header(alias="X-Actor-Id", description="ID of the user making the change")
+]
+
+
+def _status_for(error: ForgeError) -> int:
+    if isinstance(error, NotFoundError):
+        return 404
+    if isinstance(error, ConflictError):
+        return 409
+    if isinstance(error, EventValidationError):
+        return 422
+    if isinstance(error, StorageUnavailableError) or error.retriable:
+        return 503
+    return 500
+
+
+def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = True) -> FastAPI:
+    """Build the FastAPI app; its lifespan starts the runtime and, by default, the workers."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = Runtime(settings)
+        await runtime.start()
+        workers: list[Worker] = []
+        if run_workers:
+            workers.append(Worker("audit-recorder", runtime))
+        for worker in workers:
+            worker.start()
+        app.state.runtime = runtime
+        app.state.workers = workers
+        try:
+            yield
+        finally:
+            for worker in workers:
+                await worker.stop()
+            await runtime.stop()
+
+    app = FastAPI(
+        title="Forge event system",
+        version="0.1.0",
+        lifespan=lifespan,
+        responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+    )
+
+    @app.exception_handler(ForgeError)
+    async def forge_error(request: Request, error: ForgeError) -> JSONResponse:
+        status = _status_for(error)
+        if status >= 500:
+            logger.error("request_failed", path=request.url.path, error=str(error))
+        problems = [
+            {"field": problem.location, "value": repr(problem.value), "problem": problem.problem}
+            for problem in getattr(error, "problems", ())
+        ]
+        body = ErrorBody(error=type(error).__name__, message=str(error), problems=problems)
+        return JSONResponse(status_code=status, content=body.model_dump())
+
+    @app.middleware("http")
+    async def correlation(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        raw = request.headers.get(CORRELATION_HEADER)
+        if raw is None:
+            return await call_next(request)
+        try:
+            correlation_id = UUID(raw)
+        except ValueError:
+            body = ErrorBody(
+                error="InvalidHeader",
+                message=f"Invalid {CORRELATION_HEADER} header {raw!r}; send a UUID or omit it.",
+            )
+            return JSONResponse(status_code=400, content=body.model_dump())
+        with correlation_scope(correlation_id):
+            response = await call_next(request)
+        response.headers[CORRELATION_HEADER] = str(correlation_id)
+        return response
+
+    @app.get("/health")
+    async def health(request: Request, runtime: RuntimeDep) -> JSONResponse:
+        workers = {
+            worker.name: {"running": worker.running, "last_error": worker.last_error}
+            for worker in request.app.state.workers
+        }
+        healthy = all(worker.last_error is None for worker in request.app.state.workers)
+        body = {
+            "status": "ok" if healthy else "degraded",
+            "event_backend": runtime.settings.event_backend.value,
+            "store_backend": runtime.settings.effective_store_backend.value,
+            "audit_events": await runtime.audit_store.count(),
+            "workers": workers,
+        }
+        return JSONResponse(status_code=200 if healthy else 503, content=body)
+
+    @app.post("/capsules", status_code=201)
+    async def create_capsule(data: CapsuleCreate, runtime: RuntimeDep) -> Capsule:
+        return await runtime.capsules.create(data)
+
+    @app.get("/capsules")
+    async def list_capsules(
+        runtime: RuntimeDep,
+        owner_id: UUID | None = None,
+        include_deleted: bool = False,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[Capsule]:
+        return await runtime.capsule_store.list(
+            owner_id=owner_id, include_deleted=include_deleted, limit=limit
+        )
+
+    @app.get("/capsules/{capsule_id}")
+    async def get_capsule(
+        capsule_id: UUID, runtime: RuntimeDep, include_deleted: bool = False
+    ) -> Capsule:
+        return await runtime.capsules.get(capsule_id, include_deleted=include_deleted)
+
+    @app.patch("/capsules/{capsule_id}")
+    async def update_capsule(
+        capsule_id: UUID, data: CapsuleUpdate, actor_id: ActorHeader, runtime: RuntimeDep
+    ) -> Capsule:
+        return await runtime.capsules.update(capsule_id, data, actor_id=actor_id)
+
+    @app.delete("/capsules/{capsule_id}")
+    async def delete_capsule(
+        capsule_id: UUID,
+        actor_id: ActorHeader,
+        runtime: RuntimeDep,
+        reason: str | None = None,
+    ) -> Capsule:
+        return await runtime.capsules.delete(capsule_id, actor_id=actor_id, reason=reason)
+
+    @app.get("/audit")
+    async def query_audit(
+        runtime: RuntimeDep,
+        resource_id: UUID | None = None,
+        actor_id: UUID | None = None,
+        event_type: EventType | None = None,
+        correlation_id: UUID | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        cursor: str | None = None,
+    ) -> AuditPageBody:
+        for name, moment in (("since", since), ("until", until)):
+            if moment is not None and moment.tzinfo is None:
+                raise EventValidationError(
+                    f"Invalid {name}={moment.isoformat()}: the time has no timezone; add Z or "
+                    "an offset such as +00:00."
+                )
+        try:
+            query = AuditQuery(
+                resource_id=resource_id,
+                actor_id=actor_id,
+                event_type=event_type,
+                correlation_id=correlation_id,
+                since=since,
+                until=until,
+                limit=limit,
+                cursor=cursor,
+            )
+        except ValueError as error:
+            raise EventValidationError(f"Invalid audit query: {error}") from error
+        page = await runtime.audit_store.query(query)
+        return AuditPageBody(
+            entries=[
+                AuditEntryBody(event=entry.event.to_dict(), recorded_at=entry.recorded_at)
+                for entry in page.entries
+            ],
+            next_cursor=page.next_cursor,
+        )
+
+    @app.get("/replay/capsules/{capsule_id}")
+    async def replay_capsule(
+        capsule_id: UUID, runtime: RuntimeDep, at: datetime | None = None
+    ) -> ReplayBody:
+        if at is not None and at.tzinfo is None:
+            raise EventValidationError(
+                f"Invalid at={at.isoformat()}: the time has no timezone; add Z or +00:00."
+            )
+        result = await runtime.replayer.replay(capsule_id, at=at)
+        if result.rebuilt is None and result.stored is None:
+            raise NotFoundError(f"Capsule {capsule_id} has no events and is not stored.")
+        return ReplayBody(
+            capsule_id=result.capsule_id,
+            at=result.at,
+            events_applied=result.events_applied,
+            matches=result.matches,
+            rebuilt=result.rebuilt,
+            stored=result.stored,
+            differences=[
+                FieldDifferenceBody(field=d.field, rebuilt=d.rebuilt, stored=d.stored)
+                for d in result.differences
+            ],
+            problems=result.problems,
+        )
+
+    @app.get("/dead-letters")
+    async def list_dead_letters(
+        runtime: RuntimeDep,
+        group_id: str | None = None,
+        status: DeadLetterStatus | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[DeadLetterBody]:
+        letters = await runtime.dead_letters.list(group_id=group_id, status=status, limit=limit)
+        return [DeadLetterBody.of(letter) for letter in letters]
+
+    @app.post("/dead-letters/retry")
+    async def retry_dead_letters(request: RetryRequest, runtime: RuntimeDep) -> RetryResponse:
+        count = await runtime.dead_letters.request_retry(request.ids, group_id=request.group_id)
+        return RetryResponse(requested=count)
+
+    return app

@@ -1,0 +1,560 @@
+"""The `forge` command: serve the API and workers, manage capsules, read events and the audit trail.
+
+Every command reads `FORGE_*` settings; flags override them. Listings print tables for people
+and JSON lines with `--json` for scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+from uuid import UUID
+
+import click
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from forge.config import ForgeSettings
+from forge.core.audit.store import AuditPage, AuditQuery
+from forge.core.events.dead_letters import DeadLetterStatus
+from forge.core.events.ports import LogRecord
+from forge.exceptions import ConfigurationError, ConsumerGroupError, ForgeError
+from forge.logging import configure_logging
+from forge.models.capsule import Capsule, CapsuleCreate, CapsuleUpdate
+from forge.models.events import (
+    CapsuleCreatedEvent,
+    CapsuleDeletedEvent,
+    CapsuleUpdatedEvent,
+    Event,
+    EventType,
+)
+from forge.runtime import Runtime
+
+T = TypeVar("T")
+
+app = typer.Typer(help="Forge's event system.", no_args_is_help=True, add_completion=False)
+capsule_app = typer.Typer(help="Create, change, delete and show capsules.", no_args_is_help=True)
+events_app = typer.Typer(help="Read the event log.", no_args_is_help=True)
+audit_app = typer.Typer(help="Query the audit trail.", no_args_is_help=True)
+replay_app = typer.Typer(help="Rebuild state from events.", no_args_is_help=True)
+dlq_app = typer.Typer(help="List and retry dead letters (parked events).", no_args_is_help=True)
+app.add_typer(capsule_app, name="capsule")
+app.add_typer(events_app, name="events")
+app.add_typer(audit_app, name="audit")
+app.add_typer(replay_app, name="replay")
+app.add_typer(dlq_app, name="dlq")
+
+console = Console()
+error_console = Console(stderr=True)
+
+
+class CliState:
+    overrides: dict[str, Any] = {}
+
+
+def _settings() -> ForgeSettings:
+    try:
+        return ForgeSettings(**CliState.overrides)
+    except ValidationError as error:
+        raise ConfigurationError(f"Invalid setting: {error}") from error
+
+
+def _run(work: Callable[[Runtime], Awaitable[T]]) -> T:
+    """Start a runtime, run `work` on it, stop it; print ForgeErrors as one line and exit 1."""
+
+    async def main() -> T:
+        async with Runtime(_settings()) as runtime:
+            return await work(runtime)
+
+    try:
+        return asyncio.run(main())
+    except ForgeError as error:
+        error_console.print(f"[red]Error:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from error
+    except KeyboardInterrupt as error:
+        raise typer.Exit(130) from error
+
+
+def _parse_time(value: str | None, option: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as error:
+        raise typer.BadParameter(
+            f"invalid time {value!r}; use ISO 8601 such as 2026-01-31T12:00:00Z", param_hint=option
+        ) from error
+    if moment.tzinfo is None:
+        raise typer.BadParameter(
+            f"the time {value!r} has no timezone; add Z or an offset such as +00:00",
+            param_hint=option,
+        )
+    return moment
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, default=str) + "\n")
+
+
+def _capsule_table(capsules: list[Capsule]) -> Table:
+    table = Table("id", "type", "title", "version", "owner", "parent", "deleted")
+    for capsule in capsules:
+        table.add_row(
+            str(capsule.id),
+            capsule.capsule_type,
+            capsule.title,
+            capsule.version,
+            str(capsule.owner_id),
+            str(capsule.parent_id or ""),
+            capsule.deleted_at.isoformat() if capsule.deleted_at else "",
+        )
+    return table
+
+
+def _show_capsule(capsule: Capsule, as_json: bool) -> None:
+    if as_json:
+        _print_json(capsule.model_dump(mode="json"))
+    else:
+        console.print(_capsule_table([capsule]))
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def _invoked_command() -> str | None:
+    context = click.get_current_context(silent=True)
+    return context.invoked_subcommand if context is not None else None
+
+
+@app.callback()
+def main_options(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder of the embedded SQLite file [env: FORGE_DATA_DIR]."),
+    ] = None,
+    log_level: Annotated[
+        str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR [env: FORGE_LOG_LEVEL].")
+    ] = None,
+) -> None:
+    """Forge's event system: typed events, audit trail and replay."""
+    if data_dir is not None:
+        CliState.overrides["data_dir"] = data_dir
+    if log_level is not None:
+        CliState.overrides["log_level"] = log_level
+    settings = _settings()
+    # One-shot commands print their result; their logs stay at WARNING unless asked for.
+    # `forge serve` is a long-running process and logs at FORGE_LOG_LEVEL (INFO by default).
+    level = log_level or (settings.log_level if _invoked_command() == "serve" else "WARNING")
+    configure_logging(level, settings.log_json)
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Address to listen on [env: FORGE_API_HOST].")
+    ] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port [env: FORGE_API_PORT].")] = None,
+    workers: Annotated[
+        bool, typer.Option("--workers/--no-workers", help="Run the audit recorder in this process.")
+    ] = True,
+) -> None:
+    """Run the HTTP API and the workers until interrupted."""
+    import uvicorn
+
+    from forge.api.app import create_app
+
+    settings = _settings()
+    application = create_app(settings, run_workers=workers)
+    error_console.print(
+        f"Forge serving on http://{host or settings.api_host}:{port or settings.api_port} "
+        f"with data in {settings.data_dir}",
+        highlight=False,
+    )
+    uvicorn.run(
+        application,
+        host=host or settings.api_host,
+        port=port if port is not None else settings.api_port,
+        log_level=settings.log_level.lower(),
+    )
+
+
+# Capsules ----------------------------------------------------------------------------------------
+
+
+@capsule_app.command("create")
+def capsule_create(
+    owner: Annotated[UUID, typer.Option(help="Owner's user id; the owner is the actor.")],
+    capsule_type: Annotated[str, typer.Option("--type", help="Capsule type, e.g. knowledge.")],
+    title: Annotated[str, typer.Option(help="Title.")] = "",
+    content: Annotated[str, typer.Option(help="Content text.")] = "",
+    parent: Annotated[UUID | None, typer.Option(help="Capsule this one derives from.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Create a capsule and its capsule.created event."""
+    data = CapsuleCreate(
+        owner_id=owner, capsule_type=capsule_type, title=title, content=content, parent_id=parent
+    )
+    capsule = _run(lambda runtime: runtime.capsules.create(data))
+    _show_capsule(capsule, as_json)
+
+
+@capsule_app.command("update")
+def capsule_update(
+    capsule_id: Annotated[UUID, typer.Argument(help="Capsule id.")],
+    actor: Annotated[UUID, typer.Option(help="Id of the user making the change.")],
+    title: Annotated[str | None, typer.Option(help="New title.")] = None,
+    content: Annotated[str | None, typer.Option(help="New content.")] = None,
+    capsule_type: Annotated[str | None, typer.Option("--type", help="New type.")] = None,
+    expected_version: Annotated[
+        str | None, typer.Option(help="Fail unless the capsule is at this version.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Change a capsule's fields; the version goes up by one."""
+    data = CapsuleUpdate(
+        title=title, content=content, capsule_type=capsule_type, expected_version=expected_version
+    )
+    capsule = _run(lambda runtime: runtime.capsules.update(capsule_id, data, actor_id=actor))
+    _show_capsule(capsule, as_json)
+
+
+@capsule_app.command("delete")
+def capsule_delete(
+    capsule_id: Annotated[UUID, typer.Argument(help="Capsule id.")],
+    actor: Annotated[UUID, typer.Option(help="Id of the user deleting it.")],
+    reason: Annotated[str | None, typer.Option(help="Why it is deleted.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Delete a capsule (it stays readable with --include-deleted)."""
+    capsule = _run(
+        lambda runtime: runtime.capsules.delete(capsule_id, actor_id=actor, reason=reason)
+    )
+    _show_capsule(capsule, as_json)
+
+
+@capsule_app.command("show")
+def capsule_show(
+    capsule_id: Annotated[UUID, typer.Argument(help="Capsule id.")],
+    include_deleted: Annotated[bool, typer.Option(help="Show it even if deleted.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show one capsule."""
+    capsule = _run(
+        lambda runtime: runtime.capsules.get(capsule_id, include_deleted=include_deleted)
+    )
+    _show_capsule(capsule, as_json)
+
+
+# Events ------------------------------------------------------------------------------------------
+
+
+def _parse_types(values: list[str] | None) -> list[EventType] | None:
+    if not values:
+        return None
+    known = {event_type.value: event_type for event_type in EventType}
+    types = []
+    for value in values:
+        if value not in known:
+            raise typer.BadParameter(
+                f"unknown event type {value!r}; known types: {', '.join(sorted(known))}",
+                param_hint="--type",
+            )
+        types.append(known[value])
+    return types
+
+
+def _record_summary(record: LogRecord) -> dict[str, Any]:
+    try:
+        value: Any = json.loads(record.value)
+    except (ValueError, UnicodeDecodeError):
+        value = record.value.decode("utf-8", errors="replace")
+    return {
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "key": record.key,
+        "timestamp": record.timestamp.isoformat() if record.timestamp else None,
+        "value": value,
+    }
+
+
+@events_app.command("tail")
+def events_tail(
+    types: Annotated[
+        list[str] | None, typer.Option("--type", help="Event type to show; repeat for several.")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep waiting for new events.")
+    ] = False,
+    limit: Annotated[
+        int, typer.Option(help="Show at most the last N events (without --follow).")
+    ] = 20,
+    as_json: JsonFlag = False,
+) -> None:
+    """Print events of the log, oldest first; with --follow, new ones as they come."""
+    event_types = _parse_types(types)
+
+    async def tail(runtime: Runtime) -> None:
+        recent: list[LogRecord] = []
+        async for record in runtime.reader.read(event_types, from_beginning=True, follow=False):
+            recent.append(record)
+            if len(recent) > limit:
+                recent.pop(0)
+        for record in recent:
+            _print_record(record, as_json)
+        if follow:
+            async for record in runtime.reader.read(event_types, from_beginning=False, follow=True):
+                _print_record(record, as_json)
+
+    _run(tail)
+
+
+def _print_record(record: LogRecord, as_json: bool) -> None:
+    summary = _record_summary(record)
+    if as_json:
+        _print_json(summary)
+        return
+    value = summary["value"]
+    where = f"{summary['timestamp']}  {record.topic}:{record.offset}"
+    if isinstance(value, dict):
+        actor = value.get("actor_id") or "-"
+        resource = value.get("resource_id") or "-"
+        line = f"{where}  actor={actor}  resource={resource}"
+    else:
+        line = f"{where}  (not an event: {str(value)[:60]!r})"
+    console.print(line, highlight=False, soft_wrap=True)
+
+
+def _describe(event: Event[Any]) -> str:
+    """Summarize an event's payload in a few words for a table cell."""
+    data = event.data
+    if isinstance(event, CapsuleCreatedEvent):
+        parent = f", parent {data.parent_id}" if data.parent_id else ""
+        return f"{data.capsule_type} v{data.version}{parent}"
+    if isinstance(event, CapsuleUpdatedEvent):
+        changed = ", ".join(data.fields_changed)
+        return f"v{data.old_version} -> v{data.new_version}: {changed}"
+    if isinstance(event, CapsuleDeletedEvent):
+        return f"at v{data.version}" if data.version else ""
+    values = data.model_dump(mode="json")
+    return ", ".join(f"{key}={value}" for key, value in list(values.items())[:3])
+
+
+async def _catch_up_audit(runtime: Runtime) -> None:
+    """Record events not yet in the audit trail, unless a server's recorder is running.
+
+    On the embedded backend the recorder runs inside `forge serve`; without a server, the
+    command line records pending events itself so that queries are complete.
+    """
+    consumer, _ = runtime.audit_consumer()
+    try:
+        await consumer.start()
+    except ConsumerGroupError:
+        return
+    try:
+        await consumer.drain()  # type: ignore[attr-defined]
+    finally:
+        await consumer.stop()
+
+
+# Audit -------------------------------------------------------------------------------------------
+
+
+@audit_app.command("query")
+def audit_query(
+    resource: Annotated[UUID | None, typer.Option(help="Resource id.")] = None,
+    actor: Annotated[UUID | None, typer.Option(help="Actor (user) id.")] = None,
+    event_type: Annotated[str | None, typer.Option("--type", help="Event type.")] = None,
+    correlation: Annotated[UUID | None, typer.Option(help="Correlation id.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="From this time, ISO 8601 with timezone.")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="Up to this time, ISO 8601 with timezone.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Entries per page, 1 to 1000.")] = 50,
+    cursor: Annotated[
+        str | None, typer.Option(help="next_cursor printed by the previous page.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show audit trail entries, newest first."""
+    types = _parse_types([event_type] if event_type else None)
+    try:
+        query = AuditQuery(
+            resource_id=resource,
+            actor_id=actor,
+            event_type=types[0] if types else None,
+            correlation_id=correlation,
+            since=_parse_time(since, "--since"),
+            until=_parse_time(until, "--until"),
+            limit=limit,
+            cursor=cursor,
+        )
+    except ValidationError as error:
+        raise typer.BadParameter(str(error)) from error
+
+    async def catch_up_and_query(runtime: Runtime) -> AuditPage:
+        await _catch_up_audit(runtime)
+        return await runtime.audit_store.query(query)
+
+    page = _run(catch_up_and_query)
+    if as_json:
+        for entry in page.entries:
+            _print_json({"event": entry.event.to_dict(), "recorded_at": entry.recorded_at})
+        if page.next_cursor:
+            _print_json({"next_cursor": page.next_cursor})
+        return
+    table = Table("time (UTC)", "type", "actor", "resource", "details")
+    for entry in page.entries:
+        event = entry.event
+        table.add_row(
+            event.timestamp.strftime("%Y-%m-%d %H:%M:%S"),
+            event.type.value,
+            str(event.actor_id or "-"),
+            str(event.resource_id or "-"),
+            _describe(event),
+            end_section=False,
+        )
+    console.print(table)
+    if page.next_cursor:
+        console.print(f"More entries: --cursor {page.next_cursor}", highlight=False)
+
+
+# Replay ------------------------------------------------------------------------------------------
+
+
+@replay_app.command("capsule")
+def replay_capsule(
+    capsule_id: Annotated[UUID, typer.Argument(help="Capsule id.")],
+    at: Annotated[
+        str | None, typer.Option(help="Rebuild as of this time (ISO 8601, timezone).")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Rebuild a capsule from its events and compare it with the stored one."""
+    moment = _parse_time(at, "--at")
+    result = _run(lambda runtime: runtime.replayer.replay(capsule_id, at=moment))
+    if as_json:
+        _print_json(
+            {
+                "capsule_id": str(result.capsule_id),
+                "at": result.at.isoformat() if result.at else None,
+                "events_applied": result.events_applied,
+                "matches": result.matches,
+                "rebuilt": result.rebuilt.model_dump(mode="json") if result.rebuilt else None,
+                "stored": result.stored.model_dump(mode="json") if result.stored else None,
+                "differences": [
+                    {"field": d.field, "rebuilt": d.rebuilt, "stored": d.stored}
+                    for d in result.differences
+                ],
+                "problems": result.problems,
+            }
+        )
+    else:
+        if result.rebuilt is None:
+            console.print(f"No capsule.created event for {capsule_id} (up to {at or 'now'}).")
+        else:
+            console.print(_capsule_table([result.rebuilt]))
+        console.print(f"{result.events_applied} events applied.")
+        for difference in result.differences:
+            console.print(
+                f"[red]differs[/red] {difference.field}: rebuilt={difference.rebuilt!r} "
+                f"stored={difference.stored!r}",
+                highlight=False,
+            )
+        for problem in result.problems:
+            console.print(f"[yellow]problem[/yellow] {problem}", highlight=False)
+        if at is None and result.matches:
+            console.print("[green]Rebuilt state equals the stored capsule.[/green]")
+    if at is None and not result.matches:
+        raise typer.Exit(3)
+
+
+# Dead letters ------------------------------------------------------------------------------------
+
+
+@dlq_app.command("list")
+def dlq_list(
+    group: Annotated[str | None, typer.Option(help="Only this consumer group.")] = None,
+    status: Annotated[
+        DeadLetterStatus | None, typer.Option(help="parked, retry_requested or resolved.")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    as_json: JsonFlag = False,
+) -> None:
+    """List parked events with the reason, handler and attempt count."""
+    letters = _run(
+        lambda runtime: runtime.dead_letters.list(group_id=group, status=status, limit=limit)
+    )
+    if as_json:
+        for letter in letters:
+            _print_json(
+                {
+                    "id": letter.id,
+                    "group_id": letter.group_id,
+                    "topic": letter.topic,
+                    "partition": letter.partition,
+                    "offset": letter.offset,
+                    "event_id": letter.event_id,
+                    "event_type": letter.event_type,
+                    "handler": letter.handler,
+                    "attempts": letter.attempts,
+                    "status": letter.status.value,
+                    "reason": letter.reason,
+                    "error_type": letter.error_type,
+                    "parked_at": letter.parked_at,
+                }
+            )
+        return
+    table = Table("id", "group", "topic:offset", "handler", "attempts", "status", "reason")
+    for letter in letters:
+        table.add_row(
+            str(letter.id),
+            letter.group_id,
+            f"{letter.topic}:{letter.offset}",
+            letter.handler,
+            str(letter.attempts),
+            letter.status.value,
+            letter.reason[:100],
+        )
+    console.print(table)
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    ids: Annotated[
+        list[int] | None, typer.Argument(help="Dead-letter ids; see `forge dlq list`.")
+    ] = None,
+    retry_all: Annotated[bool, typer.Option("--all", help="Retry every parked event.")] = False,
+    group: Annotated[str | None, typer.Option(help="Only this consumer group.")] = None,
+) -> None:
+    """Send parked events back to their group's consumer for another try."""
+    if not ids and not retry_all:
+        raise typer.BadParameter("give dead-letter ids, or --all to retry every parked event")
+    count = _run(
+        lambda runtime: runtime.dead_letters.request_retry(
+            None if retry_all else ids, group_id=group
+        )
+    )
+    console.print(
+        f"{count} dead letter(s) queued for retry; the running consumer of each group delivers "
+        "them again within a few seconds (see `forge dlq list`).",
+        highlight=False,
+    )
+
+
+def main() -> None:
+    """Entry point of the `forge` command."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
