@@ -359,7 +359,7 @@ async def _catch_up_audit(runtime: Runtime) -> None:
     except ConsumerGroupError:
         return
     try:
-        await consumer.drain()  # type: ignore[attr-defined]
+        await consumer.drain()
     finally:
         await consumer.stop()
 

@@ -56,9 +56,12 @@ def encode_event(event: Event[Any], max_bytes: int) -> EncodedEvent:
 
 
 def decode_event(
-    value: bytes, max_bytes: int, headers: Mapping[str, str] | None = None
+    value: bytes,
+    max_bytes: int,
+    headers: Mapping[str, str] | None = None,
+    key: str | None = None,
 ) -> Event[Any]:
-    """Parse a record value into its typed event.
+    """Parse a record value into its typed event, checking its headers and key if given.
 
     Raises:
         EventValidationError: the value is too large, not UTF-8 JSON, of an unknown type, of a
@@ -81,6 +84,14 @@ def decode_event(
     event = parse_event(value)
     if headers:
         _check_headers(event, headers)
+    if key is not None and key != event.key:
+        # The key decides the partition, and so the order of a resource's events; a record
+        # keyed by anything but its resource id may be handled out of order.
+        raise EventValidationError(
+            f"Record key {key!r} does not match the event's resource_id "
+            f"{event.key!r}; producers must key each event by its resource id.",
+            [FieldProblem("<key>", key, "does not match resource_id")],
+        )
     return event
 
 

@@ -177,7 +177,9 @@ class Dispatcher:
         letters: list[tuple[int, DeadLetter]] = []
         for i, record in enumerate(records):
             try:
-                decoded.append(decode_event(record.value, self.max_event_bytes, record.headers))
+                decoded.append(
+                    decode_event(record.value, self.max_event_bytes, record.headers, record.key)
+                )
             except EventValidationError as error:
                 decoded.append(None)
                 letters.append((i, self._letter(record, None, DECODE_STAGE, error, attempts=1)))
@@ -230,7 +232,7 @@ class Dispatcher:
             letter.topic, letter.partition, letter.offset, letter.key, letter.value, letter.headers
         )
         try:
-            event = decode_event(record.value, self.max_event_bytes, record.headers)
+            event = decode_event(record.value, self.max_event_bytes, record.headers, record.key)
         except EventValidationError as error:
             return self._letter(record, None, DECODE_STAGE, error, attempts=1)
 

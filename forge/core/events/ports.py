@@ -68,6 +68,9 @@ class EventConsumer(Protocol):
 
     async def run(self) -> None: ...
 
+    async def drain(self, timeout: float = 30.0) -> int:
+        """Handle what is in the subscribed topics now; return how many records were handled."""
+
     async def stop(self) -> None: ...
 
 
