@@ -7,6 +7,7 @@ apart.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from forge.config import EventBackend, ForgeSettings, StoreBackend, get_settings
@@ -18,6 +19,7 @@ from forge.core.events.dead_letters import DeadLetterStore
 from forge.core.events.ports import EventConsumer, EventLogReader, EventPublisher
 from forge.core.events.service import EventService
 from forge.core.replay.capsules import CapsuleReplayer, ResourceEventSource
+from forge.core.privacy import PersonalDataProtector
 from forge.exceptions import ConfigurationError, NotStartedError
 from forge.infrastructure.sqlite.audit_store import SqliteAuditStore
 from forge.infrastructure.sqlite.capsule_store import SqliteCapsuleStore
@@ -25,6 +27,7 @@ from forge.infrastructure.sqlite.consumer import SqliteEventConsumer
 from forge.infrastructure.sqlite.database import SqliteDatabase
 from forge.infrastructure.sqlite.dead_letters import SqliteDeadLetterStore
 from forge.infrastructure.sqlite.event_log import SqliteEventLog
+from forge.infrastructure.sqlite.subject_keys import SqliteSubjectKeyStore
 from forge.logging import get_logger
 
 logger = get_logger(__name__)
@@ -49,6 +52,8 @@ class Runtime:
         self._events: EventService | None = None
         self._capsules: CapsuleService | None = None
         self._replayer: CapsuleReplayer | None = None
+        self._protector: PersonalDataProtector | None = None
+        self._extra_workers: dict[str, Callable[[], EventConsumer]] = {}
 
     async def __aenter__(self) -> Runtime:
         await self.start()
@@ -84,7 +89,8 @@ class Runtime:
         self._dead_letters = SqliteDeadLetterStore(database)
         self._audit_store = SqliteAuditStore(database)
         self._capsule_store = SqliteCapsuleStore(database)
-        self._events = EventService(event_log)
+        self._protector = PersonalDataProtector(SqliteSubjectKeyStore(database))
+        self._events = EventService(event_log, protector=self._protector)
         self._capsules = CapsuleService(
             self._capsule_store, max_event_bytes=settings.max_event_bytes
         )
@@ -116,6 +122,11 @@ class Runtime:
     def publisher(self) -> EventPublisher:
         publisher: EventPublisher = self._require(self._publisher, "publisher")
         return publisher
+
+    @property
+    def protector(self) -> PersonalDataProtector:
+        protector: PersonalDataProtector = self._require(self._protector, "protector")
+        return protector
 
     @property
     def events(self) -> EventService:
@@ -159,10 +170,18 @@ class Runtime:
             database, group_id, settings=self.settings, dead_letters=self.dead_letters
         )
 
+    def worker_factories(self) -> dict[str, Callable[[], EventConsumer]]:
+        """Return the consumers a server runs beside the API, by worker name."""
+        workers: dict[str, Callable[[], EventConsumer]] = {
+            "audit-recorder": lambda: self.audit_consumer()[0]
+        }
+        workers.update(self._extra_workers)
+        return workers
+
     def audit_consumer(self) -> tuple[EventConsumer, AuditRecorder]:
         """Return the audit recorder's consumer (group `forge-audit`), not yet started."""
         consumer = self.consumer(AUDIT_GROUP_ID)
-        recorder = AuditRecorder(self.audit_store)
+        recorder = AuditRecorder(self.audit_store, self.protector)
         recorder.attach(consumer)
         return consumer, recorder
 

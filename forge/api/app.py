@@ -22,6 +22,7 @@ from forge.config import ForgeSettings
 from forge.core.audit.store import AuditQuery
 from forge.core.events.context import correlation_scope
 from forge.core.events.dead_letters import DeadLetter, DeadLetterStatus
+from forge.core.events.ports import EventConsumer
 from forge.exceptions import (
     ConflictError,
     EventValidationError,
@@ -43,9 +44,9 @@ _WORKER_RESTART_SECONDS = 5.0
 class Worker:
     """A consumer loop run in the server, restarted after a failure, with its last error kept."""
 
-    def __init__(self, name: str, runtime: Runtime) -> None:
+    def __init__(self, name: str, make_consumer: Callable[[], EventConsumer]) -> None:
         self.name = name
-        self._runtime = runtime
+        self._make_consumer = make_consumer
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self.last_error: str | None = None
@@ -61,7 +62,7 @@ class Worker:
 
     async def _supervise(self) -> None:
         while not self._stopping.is_set():
-            consumer, _ = self._runtime.audit_consumer()
+            consumer = self._make_consumer()
             try:
                 await consumer.start()
                 self.running = True
@@ -202,7 +203,9 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
         await runtime.start()
         workers: list[Worker] = []
         if run_workers:
-            workers.append(Worker("audit-recorder", runtime))
+            workers = [
+                Worker(name, factory) for name, factory in runtime.worker_factories().items()
+            ]
         for worker in workers:
             worker.start()
         app.state.runtime = runtime

@@ -17,7 +17,7 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 from uuid import UUID, uuid4
 
 import orjson
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, StringConstraints, ValidationError
 
 from forge.exceptions import (
     MISSING,
@@ -93,8 +93,31 @@ IpAddress = IPv4Address | IPv6Address
 # =================================================================================================
 
 
+class PersonalDataMarker:
+    """Marks a payload field as personal data, to be sealed with its subject's key."""
+
+    def __repr__(self) -> str:
+        return "PERSONAL"
+
+
+PERSONAL = PersonalDataMarker()
+
+SEALED_PREFIX = "sealed:v1:"
+SealedValue = Annotated[str, StringConstraints(pattern=r"^sealed:v1:[A-Za-z0-9_=-]+$")]
+"""A personal value encrypted with its subject's key (see forge.core.privacy)."""
+
+
 class EventData(FrozenModel):
     """Base of every event payload: immutable, unknown fields rejected."""
+
+    @classmethod
+    def personal_fields(cls) -> tuple[str, ...]:
+        """Return the names of the fields marked `PERSONAL`."""
+        return tuple(
+            name
+            for name, info in cls.model_fields.items()
+            if any(isinstance(item, PersonalDataMarker) for item in info.metadata)
+        )
 
 
 class CapsuleCreatedData(EventData):
@@ -132,8 +155,10 @@ class UserRegisteredData(EventData):
 
 
 class UserAuthenticatedData(EventData):
-    ip_address: IpAddress
-    user_agent: Text | None = None
+    # Personal data: sealed with the user's key before the event is stored, and unreadable
+    # once the key is erased (see forge.core.privacy). None means erased.
+    ip_address: Annotated[IpAddress | SealedValue | None, PERSONAL]
+    user_agent: Annotated[Text | SealedValue | None, PERSONAL] = None
     method: Name = "password"
 
 

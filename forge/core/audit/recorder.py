@@ -7,6 +7,7 @@ from typing import Any
 
 from forge.core.audit.store import AuditStore
 from forge.core.events.ports import EventConsumer
+from forge.core.privacy import PersonalDataProtector
 from forge.logging import get_logger
 from forge.models.events import Event, EventType
 
@@ -18,8 +19,9 @@ AUDIT_GROUP_ID = "forge-audit"
 class AuditRecorder:
     """Writes events to an `AuditStore`; recording is idempotent by event id."""
 
-    def __init__(self, store: AuditStore) -> None:
+    def __init__(self, store: AuditStore, protector: PersonalDataProtector | None = None) -> None:
         self._store = store
+        self._protector = protector
         self.recorded = 0
 
     def attach(self, consumer: EventConsumer) -> None:
@@ -30,3 +32,9 @@ class AuditRecorder:
         new = await self._store.record(events)
         self.recorded += new
         logger.debug("audit_recorded", received=len(events), new=new)
+        if self._protector is not None:
+            # The recorder sees every event, so it is where an anonymization takes effect:
+            # the user's key is erased once the event itself is safely recorded.
+            for event in events:
+                if event.type is EventType.USER_ANONYMIZED:
+                    await self._protector.handle_anonymized(event)

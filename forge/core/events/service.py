@@ -20,6 +20,7 @@ from uuid import UUID
 
 from forge.core.events.context import stamp
 from forge.core.events.ports import EventPublisher
+from forge.core.privacy import PersonalDataProtector
 from forge.exceptions import NotStartedError
 from forge.logging import get_logger
 from forge.models.events import (
@@ -66,11 +67,13 @@ class EventService:
         publisher: EventPublisher | None = None,
         *,
         publisher_factory: PublisherFactory | None = None,
+        protector: PersonalDataProtector | None = None,
     ) -> None:
         if publisher is None and publisher_factory is None:
             raise ValueError("EventService needs a publisher or a publisher_factory")
         self._publisher = publisher
         self._factory = publisher_factory
+        self._protector = protector
         self._lock = asyncio.Lock()
 
     async def initialize(self) -> EventPublisher:
@@ -85,23 +88,32 @@ class EventService:
             return self._publisher
 
     async def publish(self, event: Event[Any]) -> Event[Any]:
-        """Publish one event; return it as published, with correlation ids from the context.
+        """Publish one event; return it as published: with correlation ids from the context,
+        and personal fields sealed when a protector is configured.
 
         Raises:
             PublishError: the event was not durably accepted.
             EventTooLargeError: the serialized event is over the configured limit.
         """
         publisher = await self.initialize()
-        event = stamp(event)
+        event = await self._prepare(event)
         await publisher.publish(event)
         return event
 
     async def publish_many(self, events: Sequence[Event[Any]]) -> list[Event[Any]]:
         """Publish events together; all are accepted or `BatchPublishError` names the failed ones."""
         publisher = await self.initialize()
-        stamped = [stamp(event) for event in events]
-        await publisher.publish_batch(stamped)
-        return stamped
+        prepared = [await self._prepare(event) for event in events]
+        await publisher.publish_batch(prepared)
+        return prepared
+
+    async def _prepare(self, event: Event[Any]) -> Event[Any]:
+        # Personal data is sealed here, before the event reaches any log or broker, so that
+        # erasing the subject's key later makes every copy unreadable.
+        event = stamp(event)
+        if self._protector is not None and event.data.personal_fields():
+            event = await self._protector.seal(event)
+        return event
 
     async def close(self) -> None:
         """Stop the publisher if this service started it."""

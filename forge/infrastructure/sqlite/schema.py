@@ -95,6 +95,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX capsules_by_parent ON capsules (parent_id);
     """,
+    # 2: keys that seal personal data, one per subject; an erased key is NULL for good
+    """
+    CREATE TABLE subject_keys (
+        subject_id TEXT PRIMARY KEY,
+        key BLOB,
+        created_at TEXT NOT NULL,
+        erased_at TEXT
+    );
+    """,
 ]
 
 

@@ -1,0 +1,132 @@
+"""Personal data in events, made unreadable on request by erasing its key (crypto-shredding).
+
+Events are immutable and the audit trail is kept forever, so personal data cannot be deleted
+from them. Instead, every payload field marked `PERSONAL` is encrypted with a key of its
+subject (the user it is about) before the event is stored or sent. `forget(subject)` erases the
+key: from then on every copy of that data, in the log, the audit trail or a Kafka topic, is
+unreadable, and `reveal` returns None for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any, Protocol, runtime_checkable
+from uuid import UUID
+
+import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from forge.logging import get_logger
+from forge.models.events import SEALED_PREFIX, Event, EventType
+
+logger = get_logger(__name__)
+
+_NONCE_BYTES = 12
+
+
+@runtime_checkable
+class SubjectKeyStore(Protocol):
+    """Keeps one AES-256 key per subject; an erased key never comes back."""
+
+    async def key_for(self, subject_id: UUID, *, create: bool) -> bytes | None:
+        """Return the subject's key, creating it if `create` and none was ever made.
+
+        Returns None when the key was erased, or does not exist and `create` is False.
+        """
+
+    async def forget(self, subject_id: UUID) -> bool:
+        """Erase the subject's key for good; return False if it was already erased."""
+
+
+def subject_of(event: Event[Any]) -> UUID | None:
+    """Return the user whose personal data the event carries."""
+    if event.resource_type == "user" and event.resource_id is not None:
+        return event.resource_id
+    return event.actor_id
+
+
+def _personal_values(event: Event[Any]) -> dict[str, Any]:
+    return {
+        name: getattr(event.data, name)
+        for name in event.data.personal_fields()
+        if getattr(event.data, name) is not None
+    }
+
+
+def _replace_data(event: Event[Any], values: dict[str, Any]) -> Event[Any]:
+    data = event.data.model_dump(mode="json")
+    data.update(values)
+    return type(event).model_validate({**event.model_dump(mode="json"), "data": data})
+
+
+class PersonalDataProtector:
+    """Seals personal fields of events before they are stored, and reveals them on request."""
+
+    def __init__(self, keys: SubjectKeyStore) -> None:
+        self._keys = keys
+
+    async def seal(self, event: Event[Any]) -> Event[Any]:
+        """Return the event with each personal field encrypted; events without any unchanged."""
+        plain = {
+            name: value
+            for name, value in _personal_values(event).items()
+            if not (isinstance(value, str) and value.startswith(SEALED_PREFIX))
+        }
+        if not plain:
+            return event
+        subject = subject_of(event)
+        if subject is None:
+            raise ValueError(
+                f"Event {event.id} ({event.type.value}) carries personal data but names no "
+                "subject; set resource_id or actor_id to the user it is about."
+            )
+        key = await self._keys.key_for(subject, create=True)
+        if key is None:
+            # The subject was anonymized: their new personal data is not kept either.
+            return _replace_data(event, dict.fromkeys(plain))
+        cipher = AESGCM(key)
+        sealed = {}
+        for name, value in plain.items():
+            nonce = os.urandom(_NONCE_BYTES)
+            token = nonce + cipher.encrypt(nonce, orjson.dumps(str(value)), event.id.bytes)
+            sealed[name] = SEALED_PREFIX + base64.urlsafe_b64encode(token).decode()
+        return _replace_data(event, sealed)
+
+    async def reveal(self, event: Event[Any]) -> Event[Any]:
+        """Return the event with personal fields decrypted, or None where the key was erased."""
+        sealed = {
+            name: value
+            for name, value in _personal_values(event).items()
+            if isinstance(value, str) and value.startswith(SEALED_PREFIX)
+        }
+        if not sealed:
+            return event
+        subject = subject_of(event)
+        key = await self._keys.key_for(subject, create=False) if subject else None
+        revealed: dict[str, Any] = {}
+        for name, value in sealed.items():
+            revealed[name] = None if key is None else _open(key, value, event)
+        return _replace_data(event, revealed)
+
+    async def forget(self, subject_id: UUID) -> bool:
+        """Erase the subject's key, making their personal data in every event unreadable."""
+        erased = await self._keys.forget(subject_id)
+        logger.info("personal_data_key_erased", subject_id=str(subject_id), erased=erased)
+        return erased
+
+    async def handle_anonymized(self, event: Event[Any]) -> None:
+        """Handler for `user.anonymized`: erase the user's key."""
+        if event.type is EventType.USER_ANONYMIZED and event.resource_id is not None:
+            await self.forget(event.resource_id)
+
+
+def _open(key: bytes, token: str, event: Event[Any]) -> Any:
+    try:
+        raw = base64.urlsafe_b64decode(token[len(SEALED_PREFIX) :].encode())
+        plain = AESGCM(key).decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], event.id.bytes)
+    except (InvalidTag, ValueError):
+        logger.warning("personal_data_unreadable", event_id=str(event.id))
+        return None
+    return orjson.loads(plain)
