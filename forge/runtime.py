@@ -18,8 +18,8 @@ from forge.core.capsules.store import CapsuleStore
 from forge.core.events.dead_letters import DeadLetterStore
 from forge.core.events.ports import EventConsumer, EventLogReader, EventPublisher
 from forge.core.events.service import EventService
-from forge.core.replay.capsules import CapsuleReplayer, ResourceEventSource
 from forge.core.privacy import PersonalDataProtector
+from forge.core.replay.capsules import CapsuleReplayer, ResourceEventSource
 from forge.exceptions import ConfigurationError, NotStartedError
 from forge.infrastructure.sqlite.audit_store import SqliteAuditStore
 from forge.infrastructure.sqlite.capsule_store import SqliteCapsuleStore

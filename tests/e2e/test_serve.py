@@ -218,13 +218,14 @@ def test_sigkill_loses_no_acknowledged_capsule(server: Server) -> None:
 
     created = _wait_for(
         lambda: (
-            found := {
-                event["resource_id"]
-                for event in _audit(server, event_type="capsule.created")
-            }
+            (
+                found := {
+                    event["resource_id"] for event in _audit(server, event_type="capsule.created")
+                }
+            )
+            >= stored
+            and found
         )
-        >= stored
-        and found
     )
     assert set(acknowledged) <= created
     # No event for a capsule that was not stored.
@@ -246,7 +247,9 @@ def test_cli_capsule_commands_share_data(server: Server) -> None:
     over_http = httpx.get(f"{server.url}/capsules/{capsule_id}", timeout=10).json()
     assert over_http["title"] == "renamed"
 
-    events = _wait_for(lambda: (found := _audit(server, resource_id=capsule_id)) and len(found) == 2 and found)
+    events = _wait_for(
+        lambda: (found := _audit(server, resource_id=capsule_id)) and len(found) == 2 and found
+    )
     assert [event["type"] for event in events] == ["capsule.updated", "capsule.created"]
 
     naive = server.cli("audit", "query", "--since", "2026-01-01T00:00:00")

@@ -77,8 +77,8 @@ def decode_event(
         value.decode("utf-8")
     except UnicodeDecodeError as error:
         raise EventValidationError(
-            f"Record is not valid UTF-8 (byte {error.start}: {value[error.start : error.start + 4]!r}). "
-            "Producers must send UTF-8 JSON.",
+            f"Record is not valid UTF-8 (byte {error.start}: "
+            f"{value[error.start : error.start + 4]!r}). Producers must send UTF-8 JSON.",
             [FieldProblem("<record>", value[:40], "invalid UTF-8")],
         ) from error
     event = parse_event(value)

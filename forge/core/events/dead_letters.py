@@ -7,7 +7,6 @@ group's consumer to deliver it again to the handler that failed.
 from __future__ import annotations
 
 import builtins
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime

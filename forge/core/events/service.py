@@ -24,29 +24,29 @@ from forge.core.privacy import PersonalDataProtector
 from forge.exceptions import NotStartedError
 from forge.logging import get_logger
 from forge.models.events import (
-    Event,
     CapsuleCreatedEvent,
-    CapsuleUpdatedEvent,
     CapsuleDeletedEvent,
     CapsuleSearchedEvent,
-    UserRegisteredEvent,
-    UserAuthenticatedEvent,
-    UserLogoutEvent,
-    UserTrustChangedEvent,
-    UserAnonymizedEvent,
-    ProposalCreatedEvent,
-    ProposalActivatedEvent,
-    ProposalClosedEvent,
-    ProposalExecutedEvent,
-    VoteCastEvent,
-    VoteUpdatedEvent,
-    OverlayRegisteredEvent,
+    CapsuleUpdatedEvent,
+    ConfigChangedEvent,
+    ErrorOccurredEvent,
+    Event,
+    ImmuneResponseEvent,
     OverlayActivatedEvent,
     OverlayInvokedEvent,
     OverlayQuarantinedEvent,
-    ImmuneResponseEvent,
-    ConfigChangedEvent,
-    ErrorOccurredEvent,
+    OverlayRegisteredEvent,
+    ProposalActivatedEvent,
+    ProposalClosedEvent,
+    ProposalCreatedEvent,
+    ProposalExecutedEvent,
+    UserAnonymizedEvent,
+    UserAuthenticatedEvent,
+    UserLogoutEvent,
+    UserRegisteredEvent,
+    UserTrustChangedEvent,
+    VoteCastEvent,
+    VoteUpdatedEvent,
 )
 
 logger = get_logger(__name__)
@@ -101,7 +101,7 @@ class EventService:
         return event
 
     async def publish_many(self, events: Sequence[Event[Any]]) -> list[Event[Any]]:
-        """Publish events together; all are accepted or `BatchPublishError` names the failed ones."""
+        """Publish events together; all are accepted or `BatchPublishError` names the failed."""
         publisher = await self.initialize()
         prepared = [await self._prepare(event) for event in events]
         await publisher.publish_batch(prepared)

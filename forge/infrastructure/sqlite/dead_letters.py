@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-
 import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -156,7 +155,10 @@ class SqliteDeadLetterStore:
         return await self._database.write(update)
 
     async def claim_retries(self, group_id: str, limit: int = 100) -> builtins.list[DeadLetter]:
-        sql = f"SELECT {_COLUMNS} FROM dead_letters WHERE group_id = ? AND status = ? ORDER BY id LIMIT ?"
+        sql = (
+            f"SELECT {_COLUMNS} FROM dead_letters WHERE group_id = ? AND status = ? "
+            "ORDER BY id LIMIT ?"
+        )
 
         def query(connection: sqlite3.Connection) -> builtins.list[DeadLetter]:
             rows = connection.execute(

@@ -8,9 +8,9 @@ several topics sees events in the order they were written.
 from __future__ import annotations
 
 import sqlite3
-from functools import partial
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 from uuid import UUID
 
