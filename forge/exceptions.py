@@ -29,6 +29,15 @@ class ConfigurationError(ForgeError):
 # Events ------------------------------------------------------------------------------------------
 
 
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+MISSING: Any = _Missing()
+"""`FieldProblem.value` of a required field that is absent from the input."""
+
+
 @dataclass(frozen=True)
 class FieldProblem:
     """One invalid field of an event: where it is, the value found and what is wrong."""

@@ -6,7 +6,14 @@ from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, NoReturn
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, JsonValue
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    JsonValue,
+    PlainSerializer,
+)
 
 
 class ForgeBaseModel(BaseModel):
@@ -48,6 +55,15 @@ def deep_freeze(value: Any) -> Any:
     return value
 
 
+def thaw(value: Any) -> Any:
+    """Return `value` with every mapping made a dict and every tuple a list, as JSON has them."""
+    if isinstance(value, Mapping):
+        return {key: thaw(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [thaw(item) for item in value]
+    return value
+
+
 def _to_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
@@ -55,10 +71,14 @@ def _to_utc(value: datetime) -> datetime:
 UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 """A timezone-aware datetime, converted to UTC. A naive datetime is rejected."""
 
-FrozenJsonObject = Annotated[dict[str, JsonValue], AfterValidator(deep_freeze)]
+# `thaw` on output because pydantic's JsonValue serializer expects lists, not the frozen tuples,
+# and warns on every `model_dump` otherwise.
+FrozenJsonObject = Annotated[
+    dict[str, JsonValue], AfterValidator(deep_freeze), PlainSerializer(thaw)
+]
 """A JSON object that cannot be changed after validation."""
 
-FrozenJsonValue = Annotated[JsonValue, AfterValidator(deep_freeze)]
+FrozenJsonValue = Annotated[JsonValue, AfterValidator(deep_freeze), PlainSerializer(thaw)]
 """Any JSON value; objects and arrays in it cannot be changed after validation."""
 
 
