@@ -15,8 +15,9 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from forge.config import ForgeSettings
 from forge.core.audit.store import AuditQuery
@@ -162,8 +163,19 @@ class DeadLetterBody(BaseModel):
 
 
 class RetryRequest(BaseModel):
-    ids: list[int] | None = None
+    """Dead letters to send back: the listed `ids`, or every parked one with `all`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ids: list[int] | None = Field(default=None, min_length=1)
+    all: bool = False
     group_id: str | None = None
+
+    @model_validator(mode="after")
+    def _one_selection(self) -> RetryRequest:
+        if (self.ids is None) == (not self.all):
+            raise ValueError('give either "ids": [...] or "all": true')
+        return self
 
 
 class RetryResponse(BaseModel):
@@ -235,6 +247,24 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
         ]
         body = ErrorBody(error=type(error).__name__, message=str(error), problems=problems)
         return JSONResponse(status_code=status, content=body.model_dump())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = []
+        for detail in error.errors():
+            location = ".".join(str(part) for part in detail.get("loc", ()))
+            shown = repr(detail.get("input"))
+            if len(shown) > 80:
+                shown = shown[:77] + "..."
+            problems.append({"field": location, "value": shown, "problem": detail.get("msg", "")})
+        listed = "; ".join(f"{p['field']}={p['value']}: {p['problem']}" for p in problems)
+        body = ErrorBody(
+            error="InvalidRequest",
+            message=f"Invalid request: {listed}. Send a JSON body (content-type: "
+            "application/json) with the fields of the API schema at /openapi.json.",
+            problems=problems,
+        )
+        return JSONResponse(status_code=422, content=body.model_dump())
 
     @app.middleware("http")
     async def correlation(
@@ -357,8 +387,6 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
                 f"Invalid at={at.isoformat()}: the time has no timezone; add Z or +00:00."
             )
         result = await runtime.replayer.replay(capsule_id, at=at)
-        if result.rebuilt is None and result.stored is None:
-            raise NotFoundError(f"Capsule {capsule_id} has no events and is not stored.")
         return ReplayBody(
             capsule_id=result.capsule_id,
             at=result.at,
@@ -385,7 +413,8 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
 
     @app.post("/dead-letters/retry")
     async def retry_dead_letters(request: RetryRequest, runtime: RuntimeDep) -> RetryResponse:
-        count = await runtime.dead_letters.request_retry(request.ids, group_id=request.group_id)
+        ids = None if request.all else request.ids
+        count = await runtime.dead_letters.request_retry(ids, group_id=request.group_id)
         return RetryResponse(requested=count)
 
     return app

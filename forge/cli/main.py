@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 import click
+import orjson
 import typer
 from pydantic import ValidationError
 from rich.console import Console
@@ -63,7 +64,10 @@ def _settings() -> ForgeSettings:
     try:
         return ForgeSettings(**CliState.overrides)
     except ValidationError as error:
-        raise ConfigurationError(f"Invalid setting: {error}") from error
+        raise ConfigurationError(
+            f"Invalid setting: {_describe_validation(error)}. Fix the FORGE_<NAME> variable "
+            "or the flag of that name."
+        ) from error
 
 
 def _run(work: Callable[[Runtime], Awaitable[T]]) -> T:
@@ -160,7 +164,9 @@ def serve(
     host: Annotated[
         str | None, typer.Option(help="Address to listen on [env: FORGE_API_HOST].")
     ] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port [env: FORGE_API_PORT].")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="TCP port [env: FORGE_API_PORT].")
+    ] = None,
     workers: Annotated[
         bool, typer.Option("--workers/--no-workers", help="Run the audit recorder in this process.")
     ] = True,
@@ -272,8 +278,9 @@ def _parse_types(values: list[str] | None) -> list[EventType] | None:
 
 def _record_summary(record: LogRecord) -> dict[str, Any]:
     try:
-        value: Any = json.loads(record.value)
-    except (ValueError, UnicodeDecodeError):
+        # orjson limits nesting depth, so a hostile record cannot exhaust the stack here.
+        value: Any = orjson.loads(record.value)
+    except orjson.JSONDecodeError:
         value = record.value.decode("utf-8", errors="replace")
     return {
         "topic": record.topic,
@@ -294,7 +301,7 @@ def events_tail(
         bool, typer.Option("--follow", "-f", help="Keep waiting for new events.")
     ] = False,
     limit: Annotated[
-        int, typer.Option(help="Show at most the last N events (without --follow).")
+        int, typer.Option(min=1, help="Show at most the last N events (without --follow).")
     ] = 20,
     as_json: JsonFlag = False,
 ) -> None:
@@ -379,7 +386,7 @@ def audit_query(
     until: Annotated[
         str | None, typer.Option(help="Up to this time, ISO 8601 with timezone.")
     ] = None,
-    limit: Annotated[int, typer.Option(help="Entries per page, 1 to 1000.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="Entries per page.")] = 50,
     cursor: Annotated[
         str | None, typer.Option(help="next_cursor printed by the previous page.")
     ] = None,
@@ -408,7 +415,9 @@ def audit_query(
     page = _run(catch_up_and_query)
     if as_json:
         for entry in page.entries:
-            _print_json({"event": entry.event.to_dict(), "recorded_at": entry.recorded_at})
+            _print_json(
+                {"event": entry.event.to_dict(), "recorded_at": entry.recorded_at.isoformat()}
+            )
         if page.next_cursor:
             _print_json({"next_cursor": page.next_cursor})
         return
@@ -487,7 +496,7 @@ def dlq_list(
     status: Annotated[
         DeadLetterStatus | None, typer.Option(help="parked, retry_requested or resolved.")
     ] = None,
-    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 100,
     as_json: JsonFlag = False,
 ) -> None:
     """List parked events with the reason, handler and attempt count."""
@@ -510,7 +519,7 @@ def dlq_list(
                     "status": letter.status.value,
                     "reason": letter.reason,
                     "error_type": letter.error_type,
-                    "parked_at": letter.parked_at,
+                    "parked_at": letter.parked_at.isoformat() if letter.parked_at else None,
                 }
             )
         return
@@ -539,21 +548,57 @@ def dlq_retry(
     """Send parked events back to their group's consumer for another try."""
     if not ids and not retry_all:
         raise typer.BadParameter("give dead-letter ids, or --all to retry every parked event")
-    count = _run(
-        lambda runtime: runtime.dead_letters.request_retry(
-            None if retry_all else ids, group_id=group
-        )
-    )
+
+    async def request(runtime: Runtime) -> tuple[int, list[int]]:
+        not_parked: list[int] = []
+        if ids:
+            parked = await runtime.dead_letters.list(
+                group_id=group, status=DeadLetterStatus.PARKED, limit=1_000_000
+            )
+            parked_ids = {letter.id for letter in parked}
+            not_parked = [letter_id for letter_id in ids if letter_id not in parked_ids]
+        count = await runtime.dead_letters.request_retry(None if retry_all else ids, group_id=group)
+        return count, not_parked
+
+    count, not_parked = _run(request)
     console.print(
         f"{count} dead letter(s) queued for retry; the running consumer of each group delivers "
         "them again within a few seconds (see `forge dlq list`).",
         highlight=False,
     )
+    if not_parked:
+        listed = ", ".join(str(letter_id) for letter_id in not_parked)
+        error_console.print(
+            f"[yellow]Not queued:[/yellow] {listed} (no such id, or not parked"
+            f"{' in group ' + repr(group) if group else ''}); see `forge dlq list`.",
+            highlight=False,
+        )
+        raise typer.Exit(1)
 
 
 def main() -> None:
-    """Entry point of the `forge` command."""
-    app()
+    """Entry point of the `forge` command: print Forge and input errors as one line."""
+    try:
+        app()
+    except ForgeError as error:
+        error_console.print(f"[red]Error:[/red] {error}", highlight=False)
+        raise SystemExit(1) from error
+    except ValidationError as error:
+        error_console.print(
+            f"[red]Invalid input:[/red] {_describe_validation(error)}", highlight=False
+        )
+        raise SystemExit(2) from error
+
+
+def _describe_validation(error: ValidationError) -> str:
+    parts = []
+    for detail in error.errors(include_url=False):
+        location = ".".join(str(part) for part in detail["loc"]) or "value"
+        shown = repr(detail.get("input"))
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        parts.append(f"{location}={shown}: {detail['msg']}")
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

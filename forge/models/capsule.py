@@ -59,7 +59,9 @@ class CapsuleUpdate(ForgeBaseModel):
     content: Content | None = None
     capsule_type: CapsuleType | None = None
     expected_version: str | None = Field(
-        default=None, description="Reject the update if the capsule is no longer at this version"
+        default=None,
+        pattern=r"^[1-9][0-9]*$",
+        description="Reject the update if the capsule is no longer at this version",
     )
 
 

@@ -1031,11 +1031,19 @@ def event_class_for(type_value: object) -> type[Event[Any]]:
     event_type = _EVENT_TYPES_BY_VALUE.get(type_value) if isinstance(type_value, str) else None
     if event_type is None:
         known = ", ".join(sorted(_EVENT_TYPES_BY_VALUE))
+        if type_value is None:
+            raise UnknownEventTypeError(
+                f"Event has no 'type' field. Set it to one of: {known}.",
+                [FieldProblem("type", MISSING, "missing")],
+            )
         raise UnknownEventTypeError(
             f"Unknown event type {type_value!r}. Known types: {known}.",
             [FieldProblem("type", type_value, "unknown event type")],
         )
     return EVENT_CLASSES[event_type]
+
+
+_REQUIRED_ON_READ = ("id", "timestamp")
 
 
 def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event[Any]:
@@ -1052,6 +1060,15 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event[Any]:
     values = _load_object(raw)
     event_class = event_class_for(values.get("type"))
     values = _upgrade(event_class, values)
+    # Creation fills `id` and `timestamp` in; a stored event must bring its own, or each read
+    # would invent new ones and de-duplication by id would fail.
+    absent = [name for name in _REQUIRED_ON_READ if name not in values]
+    if absent:
+        raise EventValidationError(
+            f"Invalid {values.get('type')} event: missing {', '.join(absent)}. A stored event "
+            "must carry the id and timestamp it was created with.",
+            [FieldProblem(name, MISSING, "missing") for name in absent],
+        )
     try:
         return event_class.model_validate(values)
     except ValidationError as error:

@@ -27,6 +27,8 @@ from forge.models.events import CapsuleCreatedEvent, CapsuleDeletedEvent, Capsul
 
 logger = get_logger(__name__)
 
+_CONCURRENT_UPDATE_ATTEMPTS = 5
+
 
 class CapsuleService:
     """Creates, updates and deletes capsules, each change with its event."""
@@ -85,6 +87,17 @@ class CapsuleService:
             NotFoundError: no live capsule has this id.
             ConflictError: `expected_version` is given and the capsule is at another one.
         """
+        # Without an expected version the caller asked to apply its fields to whatever version is
+        # current, so a concurrent change is retried on the new version instead of reported.
+        attempts = 1 if data.expected_version is not None else _CONCURRENT_UPDATE_ATTEMPTS
+        for attempt in range(1, attempts):
+            try:
+                return await self._update_once(capsule_id, data, actor_id)
+            except ConflictError:
+                logger.info("capsule_update_retried", capsule_id=str(capsule_id), attempt=attempt)
+        return await self._update_once(capsule_id, data, actor_id)
+
+    async def _update_once(self, capsule_id: UUID, data: CapsuleUpdate, actor_id: UUID) -> Capsule:
         current = await self.get(capsule_id)
         if data.expected_version is not None and data.expected_version != current.version:
             raise ConflictError(
@@ -132,7 +145,11 @@ class CapsuleService:
         Raises:
             NotFoundError: no live capsule has this id.
         """
-        current = await self.get(capsule_id)
+        current = await self.get(capsule_id, include_deleted=True)
+        if current.deleted_at is not None:
+            raise NotFoundError(
+                f"Capsule {capsule_id} was already deleted at {current.deleted_at.isoformat()}."
+            )
         now = utc_now()
         event = stamp(
             CapsuleDeletedEvent.create(

@@ -60,8 +60,9 @@ def decode_event(
     max_bytes: int,
     headers: Mapping[str, str] | None = None,
     key: str | None = None,
+    topic: str | None = None,
 ) -> Event[Any]:
-    """Parse a record value into its typed event, checking its headers and key if given.
+    """Parse a record value into its typed event, checking its headers, key and topic if given.
 
     Raises:
         EventValidationError: the value is too large, not UTF-8 JSON, of an unknown type, of a
@@ -84,6 +85,12 @@ def decode_event(
     event = parse_event(value)
     if headers:
         _check_headers(event, headers)
+    if key is not None and event.key is None:
+        raise EventValidationError(
+            f"Record key {key!r} given, but the event has no resource_id; set resource_id to "
+            "the resource the event is about, and key the record by it.",
+            [FieldProblem("resource_id", None, "missing while the record has a key")],
+        )
     if key is not None and key != event.key:
         # The key decides the partition, and so the order of a resource's events; a record
         # keyed by anything but its resource id may be handled out of order.
@@ -91,6 +98,14 @@ def decode_event(
             f"Record key {key!r} does not match the event's resource_id "
             f"{event.key!r}; producers must key each event by its resource id.",
             [FieldProblem("<key>", key, "does not match resource_id")],
+        )
+    if topic is not None and topic != event.topic:
+        # Consumers subscribe by topic and dispatch by type: without this check the event
+        # would reach no handler of a group subscribed to this topic, and be lost to it.
+        raise EventValidationError(
+            f"Record in topic {topic!r} holds a {event.type.value} event, which belongs in "
+            f"{event.topic!r}; producers must publish each event to the topic of its type.",
+            [FieldProblem("<topic>", topic, f"does not match type {event.type.value}")],
         )
     return event
 

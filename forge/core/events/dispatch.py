@@ -178,7 +178,13 @@ class Dispatcher:
         for i, record in enumerate(records):
             try:
                 decoded.append(
-                    decode_event(record.value, self.max_event_bytes, record.headers, record.key)
+                    decode_event(
+                        record.value,
+                        self.max_event_bytes,
+                        record.headers,
+                        record.key,
+                        record.topic,
+                    )
                 )
             except EventValidationError as error:
                 decoded.append(None)
@@ -232,7 +238,9 @@ class Dispatcher:
             letter.topic, letter.partition, letter.offset, letter.key, letter.value, letter.headers
         )
         try:
-            event = decode_event(record.value, self.max_event_bytes, record.headers, record.key)
+            event = decode_event(
+                record.value, self.max_event_bytes, record.headers, record.key, record.topic
+            )
         except EventValidationError as error:
             return self._letter(record, None, DECODE_STAGE, error, attempts=1)
 

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID
 
+from forge.exceptions import NotFoundError
 from forge.models.capsule import MUTABLE_FIELDS, Capsule
 from forge.models.events import (
     CapsuleCreatedEvent,
@@ -151,7 +152,16 @@ class CapsuleReplayer:
 
         Only the rebuild as of now is compared with the stored capsule; the store keeps no
         history to compare an earlier state with.
+
+        Raises:
+            NotFoundError: the capsule has no events and is not stored.
+            ValueError: `at` has no timezone, so it cannot be compared with event times.
         """
+        if at is not None and at.utcoffset() is None:
+            raise ValueError(
+                f"at={at.isoformat()} has no timezone; pass an aware datetime, for example "
+                "with tzinfo=UTC."
+            )
         events = await self._source.events_for_resource(capsule_id, until=at)
         capsule_events = [
             event
@@ -161,6 +171,8 @@ class CapsuleReplayer:
         problems: list[str] = []
         rebuilt = rebuild_capsule(capsule_events, problems)
         stored = await self._store.get(capsule_id, include_deleted=True)
+        if rebuilt is None and stored is None and not capsule_events:
+            raise NotFoundError(f"Capsule {capsule_id} has no events and is not stored.")
         result = ReplayResult(
             capsule_id, rebuilt, stored, len(capsule_events), at, problems=problems
         )

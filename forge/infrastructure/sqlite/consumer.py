@@ -322,8 +322,9 @@ class SqliteEventConsumer:
             raise ConsumerGroupError(
                 f"Consumer group {self._group_id!r} already has an active member (pid {row[1]} "
                 f"on {row[2]}) on {self._database.path}. The embedded event log allows one "
-                "process per consumer group: stop that process, use another group id, or run "
-                "on Kafka (FORGE_EVENT_BACKEND=kafka) to share a group between processes."
+                "process per consumer group: stop that process, use another group id, or start "
+                "a second server with `forge serve --no-workers` so that only one runs the "
+                "workers. To share a group between processes, run on Kafka."
             )
         connection.execute(
             "INSERT INTO consumer_members (group_id, member_id, pid, hostname, heartbeat_at) "
