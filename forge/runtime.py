@@ -7,7 +7,8 @@ apart.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from forge.config import EventBackend, ForgeSettings, StoreBackend, get_settings
@@ -47,13 +48,14 @@ class Runtime:
         self._dead_letters: DeadLetterStore | None = None
         self._audit_store: AuditStore | None = None
         self._capsule_store: CapsuleStore | None = None
-        self._event_source: ResourceEventSource | None = None
         self._reader: EventLogReader | None = None
         self._events: EventService | None = None
         self._capsules: CapsuleService | None = None
         self._replayer: CapsuleReplayer | None = None
         self._protector: PersonalDataProtector | None = None
         self._extra_workers: dict[str, Callable[[], EventConsumer]] = {}
+        self._consumer_factory: Callable[[str], EventConsumer] | None = None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
 
     async def __aenter__(self) -> Runtime:
         await self.start()
@@ -63,16 +65,37 @@ class Runtime:
         await self.stop()
 
     async def start(self) -> None:
+        """Open the stores and the publisher named by the settings.
+
+        Raises:
+            ConfigurationError: the backend combination is not supported, or a Kafka topic is
+                missing while the broker does not create topics.
+            BrokerUnavailableError, StorageUnavailableError: a server cannot be reached.
+        """
         if self._started:
             return
         settings = self.settings
         backend = (settings.event_backend, settings.effective_store_backend)
-        if backend != (EventBackend.SQLITE, StoreBackend.SQLITE):
+        if backend == (EventBackend.SQLITE, StoreBackend.SQLITE):
+            await self._start_embedded()
+        elif backend == (EventBackend.KAFKA, StoreBackend.POSTGRES):
+            await self._start_distributed()
+        else:
             raise ConfigurationError(
                 f"FORGE_EVENT_BACKEND={settings.event_backend.value} with "
-                f"FORGE_STORE_BACKEND={settings.effective_store_backend.value} is not available "
-                "in this version; use the embedded default (sqlite with sqlite)."
+                f"FORGE_STORE_BACKEND={settings.effective_store_backend.value} is not supported: "
+                "a state change and its event must share one database. Use sqlite with sqlite "
+                "(the embedded default) or kafka with postgres."
             )
+        self._started = True
+        logger.info(
+            "runtime_started",
+            event_backend=settings.event_backend.value,
+            store_backend=settings.effective_store_backend.value,
+        )
+
+    async def _start_embedded(self) -> None:
+        settings = self.settings
         database = SqliteDatabase(
             settings.sqlite_path,
             synchronous=settings.sqlite_synchronous,
@@ -85,32 +108,82 @@ class Runtime:
         self._database = database
         self._publisher = event_log
         self._reader = event_log
-        self._event_source = event_log
         self._dead_letters = SqliteDeadLetterStore(database)
         self._audit_store = SqliteAuditStore(database)
         self._capsule_store = SqliteCapsuleStore(database)
         self._protector = PersonalDataProtector(SqliteSubjectKeyStore(database))
-        self._events = EventService(event_log, protector=self._protector)
+        # The embedded log is written in the same transaction as the state, so replay reads
+        # it directly: it is complete even before the audit recorder has caught up.
+        self._wire_services(event_log, replay_source=event_log)
+        self._consumer_factory = lambda group_id: SqliteEventConsumer(
+            database, group_id, settings=settings, dead_letters=self.dead_letters
+        )
+
+    async def _start_distributed(self) -> None:
+        # Imported here so that the embedded default needs neither aiokafka nor asyncpg.
+        from forge.core.events.outbox import OutboxRelay, RelaySettings
+        from forge.infrastructure.kafka.admin import check_topics
+        from forge.infrastructure.kafka.consumer import KafkaEventConsumer
+        from forge.infrastructure.kafka.producer import KafkaEventProducer
+        from forge.infrastructure.kafka.reader import KafkaEventLogReader
+        from forge.infrastructure.postgres.audit_store import PostgresAuditStore
+        from forge.infrastructure.postgres.capsule_store import PostgresCapsuleStore
+        from forge.infrastructure.postgres.database import PostgresDatabase
+        from forge.infrastructure.postgres.dead_letters import PostgresDeadLetterStore
+        from forge.infrastructure.postgres.outbox import PostgresOutbox
+        from forge.infrastructure.postgres.subject_keys import PostgresSubjectKeyStore
+
+        settings = self.settings
+        database = PostgresDatabase.from_settings(settings)
+        await database.open()
+        try:
+            await check_topics(settings)
+            producer = KafkaEventProducer(settings=settings)
+            await producer.start()
+        except BaseException:
+            await database.close()
+            raise
+        outbox = PostgresOutbox(database)
+
+        self._closers.extend([producer.stop, database.close])
+        self._publisher = producer
+        self._reader = KafkaEventLogReader(settings=settings)
+        self._dead_letters = PostgresDeadLetterStore(database)
+        self._audit_store = PostgresAuditStore(database)
+        self._capsule_store = PostgresCapsuleStore(database, outbox)
+        self._protector = PersonalDataProtector(PostgresSubjectKeyStore(database))
+        # Kafka topics cannot be read by key, so replay reads a resource's events from the
+        # audit trail; events the recorder has not reached yet are not in the rebuild.
+        self._wire_services(producer, replay_source=self._audit_store)
+        self._consumer_factory = lambda group_id: KafkaEventConsumer(
+            group_id, settings=settings, dead_letters=self.dead_letters
+        )
+        self._extra_workers["outbox-relay"] = lambda: _RelayWorker(
+            OutboxRelay(outbox, producer, RelaySettings.from_settings(settings))
+        )
+
+    def _wire_services(self, publisher: EventPublisher, replay_source: ResourceEventSource) -> None:
+        if self._capsule_store is None:
+            raise NotStartedError("the capsule store must be built before the services")
+        settings = self.settings
+        self._events = EventService(publisher, protector=self._protector)
         self._capsules = CapsuleService(
             self._capsule_store, max_event_bytes=settings.max_event_bytes
         )
-        self._replayer = CapsuleReplayer(event_log, self._capsule_store)
-        self._started = True
-        logger.info(
-            "runtime_started",
-            event_backend=settings.event_backend.value,
-            store_backend=settings.effective_store_backend.value,
-            path=str(settings.sqlite_path),
-        )
+        self._replayer = CapsuleReplayer(replay_source, self._capsule_store)
 
     async def stop(self) -> None:
+        """Stop the publisher and close the stores; calling it twice is fine."""
         if not self._started:
             return
         self._started = False
-        if self._publisher is not None:
+        if self._publisher is not None and self._database is not None:
             await self._publisher.stop()
         if self._database is not None:
             await self._database.close()
+        for close in reversed(self._closers):
+            await close()
+        self._closers.clear()
         logger.info("runtime_stopped")
 
     def _require(self, component: Any, name: str) -> Any:
@@ -165,10 +238,8 @@ class Runtime:
 
     def consumer(self, group_id: str) -> EventConsumer:
         """Return a new, not yet started consumer in `group_id`."""
-        database: SqliteDatabase = self._require(self._database, "consumer")
-        return SqliteEventConsumer(
-            database, group_id, settings=self.settings, dead_letters=self.dead_letters
-        )
+        factory: Callable[[str], EventConsumer] = self._require(self._consumer_factory, "consumer")
+        return factory(group_id)
 
     def worker_factories(self) -> dict[str, Callable[[], EventConsumer]]:
         """Return the consumers a server runs beside the API, by worker name."""
@@ -184,6 +255,33 @@ class Runtime:
         recorder = AuditRecorder(self.audit_store, self.protector)
         recorder.attach(consumer)
         return consumer, recorder
+
+
+class _RelayWorker:
+    """Lets the server supervise an `OutboxRelay` like a consumer: start, run, stop."""
+
+    def __init__(self, relay: Any) -> None:
+        self._relay = relay
+        self._stopped = asyncio.Event()
+
+    def register_handler(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("the outbox relay has no handlers")
+
+    def register_batch_handler(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("the outbox relay has no handlers")
+
+    async def start(self, event_types: Sequence[Any] | None = None) -> None:
+        await self._relay.start()
+
+    async def run(self) -> None:
+        await self._stopped.wait()
+
+    async def drain(self, timeout: float = 30.0) -> int:
+        raise NotImplementedError("the outbox relay runs until stopped; it cannot drain")
+
+    async def stop(self) -> None:
+        self._stopped.set()
+        await self._relay.stop()
 
 
 async def start_publisher_from_settings() -> EventPublisher:

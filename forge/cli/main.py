@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from forge.config import ForgeSettings
+from forge.config import EventBackend, ForgeSettings
 from forge.core.audit.store import AuditPage, AuditQuery
 from forge.core.events.dead_letters import DeadLetterStatus
 from forge.core.events.ports import LogRecord
@@ -51,6 +51,10 @@ app.add_typer(events_app, name="events")
 app.add_typer(audit_app, name="audit")
 app.add_typer(replay_app, name="replay")
 app.add_typer(dlq_app, name="dlq")
+kafka_app = typer.Typer(help="Manage Forge's Apache Kafka topics.", no_args_is_help=True)
+topics_app = typer.Typer(help="Create or check the event topics.", no_args_is_help=True)
+kafka_app.add_typer(topics_app, name="topics")
+app.add_typer(kafka_app, name="kafka")
 
 console = Console()
 error_console = Console(stderr=True)
@@ -146,10 +150,19 @@ def main_options(
     log_level: Annotated[
         str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR [env: FORGE_LOG_LEVEL].")
     ] = None,
+    event_backend: Annotated[
+        EventBackend | None,
+        typer.Option(
+            help="sqlite (embedded, one file) or kafka (with PostgreSQL stores) "
+            "[env: FORGE_EVENT_BACKEND]."
+        ),
+    ] = None,
 ) -> None:
     """Forge's event system: typed events, audit trail and replay."""
     if data_dir is not None:
         CliState.overrides["data_dir"] = data_dir
+    if event_backend is not None:
+        CliState.overrides["event_backend"] = event_backend
     if log_level is not None:
         CliState.overrides["log_level"] = log_level
     settings = _settings()
@@ -360,6 +373,10 @@ async def _catch_up_audit(runtime: Runtime) -> None:
     On the embedded backend the recorder runs inside `forge serve`; without a server, the
     command line records pending events itself so that queries are complete.
     """
+    if runtime.settings.event_backend is not EventBackend.SQLITE:
+        # On Kafka the recorder runs in its own group members; joining that group here would
+        # only force a rebalance.
+        return
     consumer, _ = runtime.audit_consumer()
     try:
         await consumer.start()
@@ -574,6 +591,61 @@ def dlq_retry(
             highlight=False,
         )
         raise typer.Exit(1)
+
+
+# Kafka ---------------------------------------------------------------------------------------
+
+
+@topics_app.command("ensure")
+def kafka_topics_ensure(
+    partitions: Annotated[
+        int | None,
+        typer.Option(min=1, help="Partitions per topic [env: FORGE_KAFKA_TOPIC_PARTITIONS]."),
+    ] = None,
+    replication_factor: Annotated[
+        int | None,
+        typer.Option(min=1, help="Replicas per partition [env: FORGE_KAFKA_REPLICATION_FACTOR]."),
+    ] = None,
+) -> None:
+    """Create every event topic and the dead-letter topic that does not exist yet."""
+    from forge.infrastructure.kafka.admin import ensure_topics
+
+    overrides: dict[str, Any] = {}
+    if partitions is not None:
+        overrides["kafka_topic_partitions"] = partitions
+    if replication_factor is not None:
+        overrides["kafka_replication_factor"] = replication_factor
+    settings = _settings().model_copy(update=overrides)
+    try:
+        report = asyncio.run(ensure_topics(settings))
+    except ForgeError as error:
+        error_console.print(f"[red]Error:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from error
+    console.print(
+        f"{len(report.created)} topic(s) created, {len(report.existing)} already present "
+        f"on {settings.kafka_bootstrap_servers}.",
+        highlight=False,
+    )
+    for topic, count in sorted(report.partition_mismatches.items()):
+        error_console.print(
+            f"[yellow]Note:[/yellow] {topic} has {count} partitions, not "
+            f"{settings.kafka_topic_partitions}; Forge leaves existing topics as they are.",
+            highlight=False,
+        )
+
+
+@topics_app.command("check")
+def kafka_topics_check() -> None:
+    """Exit 1, naming them, if any of Forge's topics is missing on the broker."""
+    from forge.infrastructure.kafka.admin import check_topics
+
+    settings = _settings()
+    try:
+        asyncio.run(check_topics(settings))
+    except ForgeError as error:
+        error_console.print(f"[red]Error:[/red] {error}", highlight=False)
+        raise typer.Exit(1) from error
+    console.print(f"Every Forge topic exists on {settings.kafka_bootstrap_servers}.")
 
 
 def main() -> None:
