@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -37,6 +38,7 @@ from forge.models.events import (
     EventType,
 )
 from forge.runtime import Runtime
+from forge.workers import Worker
 
 T = TypeVar("T")
 
@@ -202,6 +204,42 @@ def serve(
         port=port if port is not None else settings.api_port,
         log_level=settings.log_level.lower(),
     )
+
+
+@app.command()
+def worker(
+    only: Annotated[
+        list[str] | None,
+        typer.Option("--only", help="Run only this worker (audit-recorder, outbox-relay)."),
+    ] = None,
+) -> None:
+    """Run the workers without the HTTP API until SIGINT or SIGTERM."""
+
+    async def run_workers(runtime: Runtime) -> None:
+        factories = runtime.worker_factories()
+        unknown = sorted(set(only or ()) - set(factories))
+        if unknown:
+            raise ConfigurationError(
+                f"Unknown worker {', '.join(unknown)}; this backend runs: "
+                f"{', '.join(sorted(factories))}."
+            )
+        workers = [
+            Worker(name, factory) for name, factory in factories.items() if not only or name in only
+        ]
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signal_number, stopping.set)
+        for running in workers:
+            running.start()
+        error_console.print(
+            f"Workers running: {', '.join(running.name for running in workers)}.", highlight=False
+        )
+        await stopping.wait()
+        for running in workers:
+            await running.stop()
+
+    _run(run_workers)
 
 
 # Capsules ----------------------------------------------------------------------------------------

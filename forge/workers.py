@@ -1,0 +1,69 @@
+"""Workers: the consumer loops a Forge process runs beside (or instead of) the HTTP API.
+
+Each worker is supervised: when its loop fails it is logged, kept as the worker's last error
+for the health check, and restarted after a pause, so that one failure does not stop the
+process and is never lost silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from forge.core.events.ports import EventConsumer
+from forge.exceptions import ForgeError
+from forge.logging import get_logger
+
+logger = get_logger(__name__)
+
+_WORKER_RESTART_SECONDS = 5.0
+
+
+class Worker:
+    """A consumer loop run in the server, restarted after a failure, with its last error kept."""
+
+    def __init__(self, name: str, make_consumer: Callable[[], EventConsumer]) -> None:
+        self.name = name
+        self._make_consumer = make_consumer
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.last_error: str | None = None
+        self.running = False
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name=f"forge-worker-{self.name}")
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+
+    async def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            consumer = self._make_consumer()
+            try:
+                await consumer.start()
+                self.running = True
+                self.last_error = None
+                run = asyncio.create_task(consumer.run())
+                stop = asyncio.create_task(self._stopping.wait())
+                await asyncio.wait({run, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                await consumer.stop()
+                if run.done() and not run.cancelled() and run.exception() is not None:
+                    raise run.exception()  # type: ignore[misc]
+            except Exception as error:
+                self.last_error = f"{type(error).__name__}: {error}"
+                logger.error(
+                    "worker_failed",
+                    worker=self.name,
+                    error=self.last_error,
+                    restart_in_seconds=_WORKER_RESTART_SECONDS,
+                )
+                with contextlib.suppress(ForgeError):
+                    await consumer.stop()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), _WORKER_RESTART_SECONDS)
+            finally:
+                self.running = False
