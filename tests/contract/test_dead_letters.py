@@ -1,0 +1,303 @@
+"""Contract of handler failures: bounded retries, parking with the reason, and redelivery."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from forge.core.events.dead_letters import DeadLetterStatus
+from forge.exceptions import EventRejectedError
+from forge.models.events import Event, EventType
+from tests.helpers import BatchRecorder, Recorder, capsule_created, failing_handler
+
+
+def is_poison(event: Event[Any]) -> bool:
+    return event.data.title == "poison"
+
+
+async def publish_around_poison(backend: Any) -> list[Event[Any]]:
+    """Publish a good event, a poison one and another good one; return them in that order."""
+    events = [capsule_created(), capsule_created(title="poison"), capsule_created()]
+    for event in events:
+        await backend.publisher.publish(event)
+    return events
+
+
+async def test_failing_handler_parks_event(backend: Any) -> None:
+    before, poison, after = await publish_around_poison(backend)
+    indexer, calls = failing_handler(RuntimeError("index shard 3 is read-only"), fail_for=is_poison)
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, indexer, name="indexer")
+
+    await consumer.start()
+    await consumer.drain()
+
+    [letter] = await backend.dead_letters.list(group_id="search")
+    assert letter.event_id == str(poison.id)
+    assert letter.reason == "index shard 3 is read-only"
+    assert letter.error_type == "RuntimeError"
+    assert letter.handler == "indexer"
+    assert letter.attempts == backend.settings.consumer_max_attempts
+    assert letter.status is DeadLetterStatus.PARKED
+    assert letter.event_type == "capsule.created"
+
+
+async def test_handler_retried_up_to_max_attempts(backend: Any) -> None:
+    _, poison, _ = await publish_around_poison(backend)
+    indexer, calls = failing_handler(RuntimeError("read-only"), fail_for=is_poison)
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, indexer, name="indexer")
+
+    await consumer.start()
+    await consumer.drain()
+
+    attempts = [event.id for event in calls if event.id == poison.id]
+    assert len(attempts) == backend.settings.consumer_max_attempts
+
+
+async def test_later_events_flow_past_poison(backend: Any) -> None:
+    before, poison, after = await publish_around_poison(backend)
+    indexer, calls = failing_handler(RuntimeError("read-only"), fail_for=is_poison)
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, indexer, name="indexer")
+
+    await consumer.start()
+    await consumer.drain()
+
+    handled = [event.id for event in calls if event.id != poison.id]
+    assert handled == [before.id, after.id]
+
+
+async def test_other_handlers_get_poison_event(backend: Any) -> None:
+    _, poison, _ = await publish_around_poison(backend)
+    indexer, _ = failing_handler(RuntimeError("read-only"), fail_for=is_poison)
+    notifier = Recorder()
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, indexer, name="indexer")
+    consumer.register_handler(EventType.CAPSULE_CREATED, notifier, name="notifier")
+
+    await consumer.start()
+    await consumer.drain()
+
+    assert poison.id in notifier.ids
+    assert len(notifier.ids) == 3
+
+
+async def test_parked_event_not_redelivered_after_restart(backend: Any) -> None:
+    await publish_around_poison(backend)
+    indexer, calls = failing_handler(RuntimeError("read-only"), fail_for=is_poison)
+    first_run = backend.make_consumer("search")
+    first_run.register_handler(EventType.CAPSULE_CREATED, indexer, name="indexer")
+    await first_run.start()
+    await first_run.drain()
+    await first_run.stop()
+    calls.clear()
+    second_run = backend.make_consumer("search")
+    second_run.register_handler(EventType.CAPSULE_CREATED, indexer, name="indexer")
+
+    await second_run.start()
+    await second_run.drain()
+
+    assert calls == []
+
+
+async def test_default_handler_name_in_letter(backend: Any) -> None:
+    await backend.publisher.publish(capsule_created())
+
+    async def index_capsule(event: Event[Any]) -> None:
+        raise RuntimeError("read-only")
+
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, index_capsule)
+
+    await consumer.start()
+    await consumer.drain()
+
+    [letter] = await backend.dead_letters.list(group_id="search")
+    assert letter.handler == f"{__name__}.{index_capsule.__qualname__}"
+
+
+async def test_rejected_event_parked_at_once(backend: Any) -> None:
+    await backend.publisher.publish(capsule_created())
+    reject, calls = failing_handler(EventRejectedError("capsule type 'knowledge' is retired"))
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, reject, name="validator")
+
+    await consumer.start()
+    await consumer.drain()
+
+    [letter] = await backend.dead_letters.list(group_id="search")
+    assert len(calls) == 1
+    assert letter.attempts == 1
+    assert letter.error_type == "EventRejectedError"
+    assert letter.reason == "capsule type 'knowledge' is retired"
+
+
+async def test_letters_belong_to_their_group(backend: Any) -> None:
+    await backend.publisher.publish(capsule_created())
+    failing, _ = failing_handler(RuntimeError("read-only"))
+    search = backend.make_consumer("search")
+    search.register_handler(EventType.CAPSULE_CREATED, failing, name="indexer")
+    audit = backend.make_consumer("audit")
+    audit.register_handler(EventType.CAPSULE_CREATED, Recorder(), name="recorder")
+
+    for consumer in (search, audit):
+        await consumer.start()
+        await consumer.drain()
+
+    assert len(await backend.dead_letters.list(group_id="search")) == 1
+    assert await backend.dead_letters.list(group_id="audit") == []
+
+
+async def test_retry_request_redelivers_letter(backend: Any) -> None:
+    _, poison, _ = await publish_around_poison(backend)
+    index_online = False
+    indexed: list[Event[Any]] = []
+
+    async def indexer(event: Event[Any]) -> None:
+        if is_poison(event) and not index_online:
+            raise ConnectionError("search index unreachable")
+        indexed.append(event)
+
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, indexer, name="indexer")
+    await consumer.start()
+    await consumer.drain()
+    [letter] = await backend.dead_letters.list(group_id="search")
+    index_online = True
+
+    requested = await backend.dead_letters.request_retry([letter.id])
+    await consumer.drain()
+
+    [resolved] = await backend.dead_letters.list(group_id="search")
+    assert requested == 1
+    assert resolved.status is DeadLetterStatus.RESOLVED
+    assert indexed[-1].id == poison.id
+    assert len(indexed) == 3
+
+
+async def test_retry_goes_to_failed_handler_only(backend: Any) -> None:
+    await backend.publisher.publish(capsule_created())
+    index_online = False
+    notifier = Recorder()
+
+    async def indexer(event: Event[Any]) -> None:
+        if not index_online:
+            raise ConnectionError("search index unreachable")
+
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, indexer, name="indexer")
+    consumer.register_handler(EventType.CAPSULE_CREATED, notifier, name="notifier")
+    await consumer.start()
+    await consumer.drain()
+    index_online = True
+
+    await backend.dead_letters.request_retry(group_id="search")
+    await consumer.drain()
+
+    assert len(notifier.ids) == 1
+
+
+async def test_failed_retry_parks_letter_again(backend: Any) -> None:
+    await backend.publisher.publish(capsule_created())
+    failing, _ = failing_handler(ConnectionError("search index unreachable"))
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, failing, name="indexer")
+    await consumer.start()
+    await consumer.drain()
+
+    await backend.dead_letters.request_retry(group_id="search")
+    await consumer.drain()
+
+    [letter] = await backend.dead_letters.list(group_id="search")
+    assert letter.status is DeadLetterStatus.PARKED
+    assert letter.attempts == 2 * backend.settings.consumer_max_attempts
+
+
+async def test_retry_request_counts_parked_only(backend: Any) -> None:
+    await backend.publisher.publish(capsule_created())
+    failing, _ = failing_handler(RuntimeError("read-only"))
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, failing, name="indexer")
+    await consumer.start()
+    await consumer.drain()
+
+    first = await backend.dead_letters.request_retry(group_id="search")
+    second = await backend.dead_letters.request_retry(group_id="search")
+
+    assert first == 1
+    assert second == 0
+
+
+async def test_letters_filtered_by_status(backend: Any) -> None:
+    await backend.publisher.publish(capsule_created())
+    failing, _ = failing_handler(RuntimeError("read-only"))
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, failing, name="indexer")
+    await consumer.start()
+    await consumer.drain()
+
+    await backend.dead_letters.request_retry(group_id="search")
+
+    requested = await backend.dead_letters.list(status=DeadLetterStatus.RETRY_REQUESTED)
+    parked = await backend.dead_letters.list(status=DeadLetterStatus.PARKED)
+    assert len(requested) == 1
+    assert parked == []
+
+
+async def test_letter_keeps_original_record(backend: Any) -> None:
+    event = capsule_created()
+    await backend.publisher.publish(event)
+    failing, _ = failing_handler(RuntimeError("read-only"))
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, failing, name="indexer")
+
+    await consumer.start()
+    await consumer.drain()
+
+    [letter] = await backend.dead_letters.list(group_id="search")
+    assert letter.value == event.to_json()
+    assert letter.topic == "forge.capsule.created"
+    assert letter.key == str(event.resource_id)
+
+
+async def test_batch_failure_parks_only_poison(backend: Any) -> None:
+    events = [capsule_created() for _ in range(2)]
+    events.append(capsule_created(title="poison"))
+    events.extend(capsule_created() for _ in range(2))
+    await backend.publisher.publish_batch(events)
+    projected = BatchRecorder()
+
+    async def projector(batch: Sequence[Event[Any]]) -> None:
+        if any(is_poison(event) for event in batch):
+            raise ValueError("projection rejects a capsule titled 'poison'")
+        await projected(batch)
+
+    consumer = backend.make_consumer("projection")
+    consumer.register_batch_handler([EventType.CAPSULE_CREATED], projector, name="projector")
+
+    await consumer.start()
+    await consumer.drain()
+
+    [letter] = await backend.dead_letters.list(group_id="projection")
+    assert letter.event_id == str(events[2].id)
+    assert letter.handler == "projector"
+    assert letter.reason == "projection rejects a capsule titled 'poison'"
+    assert projected.ids == [event.id for event in events if not is_poison(event)]
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2])
+async def test_max_attempts_setting_honoured(backend: Any, max_attempts: int) -> None:
+    await backend.publisher.publish(capsule_created())
+    failing, calls = failing_handler(RuntimeError("read-only"))
+    consumer = backend.make_consumer("search", consumer_max_attempts=max_attempts)
+    consumer.register_handler(EventType.CAPSULE_CREATED, failing, name="indexer")
+
+    await consumer.start()
+    await consumer.drain()
+
+    [letter] = await backend.dead_letters.list(group_id="search")
+    assert len(calls) == max_attempts
+    assert letter.attempts == max_attempts

@@ -1,0 +1,242 @@
+"""Contract of bad input: malformed records are parked with the reason, bad batches rejected."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pytest
+
+from forge.core.events.dead_letters import DECODE_STAGE, DeadLetterStatus
+from forge.exceptions import BatchPublishError, EventTooLargeError
+from forge.models.events import EventType
+from tests.helpers import MAX_EVENT_BYTES, Recorder, capsule_created, vote_cast
+
+
+def _capsule_with(**changes: Any) -> bytes:
+    values = capsule_created().to_dict()
+    values.update(changes)
+    return orjson.dumps(values)
+
+
+def _capsule_without_capsule_type() -> bytes:
+    values = capsule_created().to_dict()
+    del values["data"]["capsule_type"]
+    return orjson.dumps(values)
+
+
+def _vote_weighing(weight: object) -> bytes:
+    values = vote_cast().to_dict()
+    values["data"]["weight"] = weight
+    return orjson.dumps(values)
+
+
+@dataclass(frozen=True)
+class Malformed:
+    topic: str
+    value: Callable[[], bytes]
+    reason: str
+    error_type: str
+    headers: dict[str, str] | None = None
+
+
+MALFORMED = {
+    "not_json": Malformed(
+        "forge.capsule.created",
+        lambda: b"capsule 42 created",
+        "Event is not valid JSON",
+        "EventValidationError",
+    ),
+    "json_array": Malformed(
+        "forge.capsule.created",
+        lambda: b'["capsule.created"]',
+        "Event must be a JSON object, got list.",
+        "EventValidationError",
+    ),
+    "unknown_type": Malformed(
+        "forge.capsule.created",
+        lambda: _capsule_with(type="capsule.moved"),
+        "Unknown event type 'capsule.moved'. Known types: ",
+        "UnknownEventTypeError",
+    ),
+    "missing_field": Malformed(
+        "forge.capsule.created",
+        _capsule_without_capsule_type,
+        "Invalid capsule.created event: data.capsule_type=<missing>: Field required.",
+        "EventValidationError",
+    ),
+    "wrong_type": Malformed(
+        "forge.vote.cast",
+        lambda: _vote_weighing("heavy"),
+        "Invalid vote.cast event: data.weight='heavy': Input should be a valid number.",
+        "EventValidationError",
+    ),
+    "newer_schema": Malformed(
+        "forge.capsule.created",
+        lambda: _capsule_with(schema_version=99),
+        "The capsule.created event has schema_version 99, newer than the 1 this code knows.",
+        "EventSchemaError",
+    ),
+    "invalid_utf8": Malformed(
+        "forge.capsule.created",
+        lambda: b'{"type": "capsule.created", "title": "\xff\xfe"}',
+        "Record is not valid UTF-8 (byte ",
+        "EventValidationError",
+    ),
+    "oversized": Malformed(
+        "forge.capsule.created",
+        lambda: _capsule_with(metadata={"blob": "x" * MAX_EVENT_BYTES}),
+        f"bytes, over the limit of {MAX_EVENT_BYTES} bytes; it was not parsed.",
+        "EventTooLargeError",
+    ),
+    "wrong_topic": Malformed(
+        "forge.capsule.created",
+        lambda: vote_cast().to_json(),
+        "Record in topic 'forge.capsule.created' holds a vote.cast event, which belongs in "
+        "'forge.vote.cast'",
+        "EventValidationError",
+    ),
+    "header_mismatch": Malformed(
+        "forge.capsule.created",
+        lambda: capsule_created().to_json(),
+        "Header event_type='vote.cast' does not match the value's type 'capsule.created'",
+        "EventValidationError",
+        {"event_type": "vote.cast"},
+    ),
+}
+
+
+@pytest.fixture(params=sorted(MALFORMED))
+def malformed(request: pytest.FixtureRequest) -> Malformed:
+    return MALFORMED[request.param]
+
+
+async def consume_around(backend: Any, malformed: Malformed) -> Recorder:
+    """Publish a good event, append the malformed record, publish another good one, consume."""
+    await backend.publisher.publish(capsule_created())
+    await backend.append_raw(malformed.topic, malformed.value(), headers=malformed.headers)
+    await backend.publisher.publish(vote_cast())
+    consumer = backend.make_consumer("projector")
+    recorder = Recorder()
+    consumer.register_handler(EventType.CAPSULE_CREATED, recorder)
+    consumer.register_handler(EventType.VOTE_CAST, recorder)
+    await consumer.start()
+    await consumer.drain()
+    return recorder
+
+
+async def test_malformed_record_parked(backend: Any, malformed: Malformed) -> None:
+    await consume_around(backend, malformed)
+
+    [letter] = await backend.dead_letters.list(group_id="projector")
+    assert malformed.reason in letter.reason
+    assert letter.error_type == malformed.error_type
+    assert letter.handler == DECODE_STAGE
+    assert letter.topic == malformed.topic
+
+
+async def test_malformed_record_blocks_nothing(backend: Any, malformed: Malformed) -> None:
+    recorder = await consume_around(backend, malformed)
+
+    assert [event.type for event in recorder.events] == [
+        EventType.CAPSULE_CREATED,
+        EventType.VOTE_CAST,
+    ]
+
+
+async def test_malformed_record_kept_verbatim(backend: Any) -> None:
+    value = b"\x00\x01 not an event"
+    await backend.append_raw("forge.capsule.created", value)
+    consumer = backend.make_consumer("projector")
+    consumer.register_handler(EventType.CAPSULE_CREATED, Recorder())
+
+    await consumer.start()
+    await consumer.drain()
+
+    [letter] = await backend.dead_letters.list(group_id="projector")
+    assert letter.value == value
+
+
+async def test_retried_malformed_record_parked_again(backend: Any) -> None:
+    await backend.append_raw("forge.capsule.created", b"capsule 42 created")
+    consumer = backend.make_consumer("projector")
+    consumer.register_handler(EventType.CAPSULE_CREATED, Recorder())
+    await consumer.start()
+    await consumer.drain()
+
+    await backend.dead_letters.request_retry(group_id="projector")
+    await consumer.drain()
+
+    [letter] = await backend.dead_letters.list(group_id="projector")
+    assert letter.status is DeadLetterStatus.PARKED
+    assert letter.attempts == 2
+
+
+async def test_oversized_publish_rejected(backend: Any) -> None:
+    event = capsule_created(content="x" * MAX_EVENT_BYTES)
+
+    with pytest.raises(EventTooLargeError) as caught:
+        await backend.publisher.publish(event)
+
+    assert f"over the limit of {MAX_EVENT_BYTES} bytes" in str(caught.value)
+    assert caught.value.retriable is False
+
+
+async def test_oversized_batch_event_named(backend: Any) -> None:
+    first, oversized, last = (
+        capsule_created(),
+        capsule_created(content="x" * MAX_EVENT_BYTES),
+        capsule_created(),
+    )
+
+    with pytest.raises(BatchPublishError) as caught:
+        await backend.publisher.publish_batch([first, oversized, last])
+
+    assert isinstance(caught.value.failed[oversized.id], EventTooLargeError)
+    assert caught.value.acknowledged == 0
+    assert caught.value.retriable is False
+    assert str(caught.value).startswith("1 of 3 events are invalid, so none was written.")
+
+
+async def test_invalid_batch_writes_nothing(backend: Any) -> None:
+    batch = [capsule_created(), capsule_created(content="x" * MAX_EVENT_BYTES), capsule_created()]
+    with pytest.raises(BatchPublishError):
+        await backend.publisher.publish_batch(batch)
+    consumer = backend.make_consumer("projector")
+    recorder = Recorder()
+    consumer.register_handler(EventType.CAPSULE_CREATED, recorder)
+
+    await consumer.start()
+    await consumer.drain()
+
+    assert recorder.events == []
+
+
+async def test_batch_failure_lists_unwritten_events(backend: Any) -> None:
+    batch = [capsule_created(), capsule_created(content="x" * MAX_EVENT_BYTES), capsule_created()]
+
+    with pytest.raises(BatchPublishError) as caught:
+        await backend.publisher.publish_batch(batch)
+
+    assert set(caught.value.failed) == {event.id for event in batch}
+
+
+async def test_batch_resent_without_invalid_event(backend: Any) -> None:
+    first, oversized, last = (
+        capsule_created(),
+        capsule_created(content="x" * MAX_EVENT_BYTES),
+        capsule_created(),
+    )
+    with pytest.raises(BatchPublishError):
+        await backend.publisher.publish_batch([first, oversized, last])
+    await backend.publisher.publish_batch([first, last])
+    consumer = backend.make_consumer("projector")
+    recorder = Recorder()
+    consumer.register_handler(EventType.CAPSULE_CREATED, recorder)
+
+    await consumer.start()
+    await consumer.drain()
+
+    assert recorder.ids == [first.id, last.id]

@@ -1,0 +1,132 @@
+"""Encoding events to log records and decoding them back, with every rejection named."""
+
+from __future__ import annotations
+
+import pytest
+
+from forge.core.events.codec import decode_event, encode_event, event_headers
+from forge.exceptions import EventTooLargeError, EventValidationError
+from forge.models.events import VoteCastEvent
+from tests.helpers import capsule_created, vote_cast
+
+LIMIT = 2048
+
+
+def test_encode_gives_topic_key_headers() -> None:
+    event = vote_cast()
+
+    encoded = encode_event(event, LIMIT)
+
+    assert encoded.topic == "forge.vote.cast"
+    assert encoded.key == str(event.resource_id)
+    assert encoded.value == event.to_json()
+    assert encoded.headers == {
+        "event_id": str(event.id),
+        "event_type": "vote.cast",
+        "schema_version": "1",
+    }
+
+
+def test_headers_carry_correlation_id() -> None:
+    event = capsule_created(correlation_id=vote_cast().id)
+
+    assert event_headers(event)["correlation_id"] == str(event.correlation_id)
+
+
+def test_oversized_event_rejected_on_encode() -> None:
+    event = capsule_created(content="x" * LIMIT)
+    size = len(event.to_json())
+
+    with pytest.raises(EventTooLargeError) as caught:
+        encode_event(event, LIMIT)
+
+    assert str(caught.value).startswith(
+        f"Event {event.id} (capsule.created) is {size} bytes, over the limit of {LIMIT} bytes."
+    )
+    assert "FORGE_MAX_EVENT_BYTES" in str(caught.value)
+
+
+def test_event_at_limit_accepted() -> None:
+    event = capsule_created()
+    size = len(event.to_json())
+
+    assert encode_event(event, size).value == event.to_json()
+
+
+def test_decode_gives_typed_event() -> None:
+    event = vote_cast()
+    encoded = encode_event(event, LIMIT)
+
+    decoded = decode_event(encoded.value, LIMIT, encoded.headers)
+
+    assert type(decoded) is VoteCastEvent
+    assert decoded == event
+
+
+def test_oversized_record_rejected_on_decode() -> None:
+    value = capsule_created(content="x" * LIMIT).to_json()
+
+    with pytest.raises(EventTooLargeError, match=f"over the limit of {LIMIT} bytes; it was not"):
+        decode_event(value, LIMIT)
+
+
+def test_invalid_utf8_rejected() -> None:
+    value = b'{"type": "capsule.created", "data": {"title": "caf\xe9"}}'
+    position = value.index(b"\xe9")
+
+    with pytest.raises(EventValidationError) as caught:
+        decode_event(value, LIMIT)
+
+    assert str(caught.value).startswith(
+        f"Record is not valid UTF-8 (byte {position}: b'\\xe9\"}}}}')"
+    )
+    assert caught.value.problems[0].problem == "invalid UTF-8"
+
+
+def test_not_json_rejected_on_decode() -> None:
+    with pytest.raises(EventValidationError, match="^Event is not valid JSON"):
+        decode_event(b"<xml/>", LIMIT)
+
+
+def test_header_type_mismatch_rejected() -> None:
+    event = vote_cast()
+    headers = {**event_headers(event), "event_type": "vote.updated"}
+
+    with pytest.raises(EventValidationError) as caught:
+        decode_event(event.to_json(), LIMIT, headers)
+
+    assert str(caught.value).startswith(
+        "Header event_type='vote.updated' does not match the value's type 'vote.cast'"
+    )
+
+
+def test_header_id_mismatch_rejected() -> None:
+    event = vote_cast()
+    headers = {**event_headers(event), "event_id": "0f4c2b8e-0000-4000-8000-000000000000"}
+
+    with pytest.raises(EventValidationError, match="Header event_id='0f4c2b8e-0000-4000"):
+        decode_event(event.to_json(), LIMIT, headers)
+
+
+def test_topic_of_other_type_rejected() -> None:
+    event = vote_cast()
+
+    with pytest.raises(EventValidationError) as caught:
+        decode_event(event.to_json(), LIMIT, topic="forge.vote.updated")
+
+    assert str(caught.value) == (
+        "Record in topic 'forge.vote.updated' holds a vote.cast event, which belongs in "
+        "'forge.vote.cast'; producers must publish each event to the topic of its type."
+    )
+
+
+def test_record_in_own_topic_decoded() -> None:
+    event = vote_cast()
+
+    assert decode_event(event.to_json(), LIMIT, topic="forge.vote.cast") == event
+
+
+def test_record_without_headers_decoded() -> None:
+    event = vote_cast()
+
+    assert decode_event(event.to_json(), LIMIT, {}) == event
