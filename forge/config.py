@@ -53,6 +53,11 @@ class ForgeSettings(BaseSettings):
     kafka_topic_partitions: int = Field(default=3, ge=1)
     kafka_replication_factor: int = Field(default=1, ge=1)
     kafka_client_id: str = "forge"
+    kafka_startup_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a process waits at start-up for an unreachable broker.",
+    )
 
     # PostgreSQL
     postgres_dsn: str = "postgresql://forge@127.0.0.1:54329/forge"
@@ -72,7 +77,7 @@ class ForgeSettings(BaseSettings):
     consumer_session_timeout_seconds: float = Field(
         default=10.0,
         gt=0,
-        description="A group member silent this long is considered gone (embedded event log).",
+        description="A group member silent this long is considered gone (both backends).",
     )
     consumer_stop_timeout_seconds: float = Field(default=10.0, gt=0)
 

@@ -8,6 +8,7 @@ apart.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from forge.core.events.ports import EventConsumer, EventLogReader, EventPublishe
 from forge.core.events.service import EventService
 from forge.core.privacy import PersonalDataProtector
 from forge.core.replay.capsules import CapsuleReplayer, ResourceEventSource
-from forge.exceptions import ConfigurationError, NotStartedError
+from forge.exceptions import ConfigurationError, ForgeError, NotStartedError
 from forge.infrastructure.sqlite.audit_store import SqliteAuditStore
 from forge.infrastructure.sqlite.capsule_store import SqliteCapsuleStore
 from forge.infrastructure.sqlite.consumer import SqliteEventConsumer
@@ -136,10 +137,12 @@ class Runtime:
         settings = self.settings
         database = PostgresDatabase.from_settings(settings)
         await database.open()
+        producer = KafkaEventProducer(settings=settings)
         try:
-            await check_topics(settings)
-            producer = KafkaEventProducer(settings=settings)
-            await producer.start()
+            await _retry_while_unavailable(
+                lambda: _start_producer(producer, settings, check_topics),
+                settings.kafka_startup_timeout_seconds,
+            )
         except BaseException:
             await database.close()
             raise
@@ -257,12 +260,38 @@ class Runtime:
         return consumer, recorder
 
 
+async def _start_producer(producer: Any, settings: ForgeSettings, check_topics: Any) -> None:
+    await check_topics(settings)
+    await producer.start()
+
+
+async def _retry_while_unavailable(
+    action: Callable[[], Awaitable[None]], timeout_seconds: float
+) -> None:
+    """Run `action` until it succeeds, retrying retriable Forge errors for `timeout_seconds`.
+
+    A process started while the broker or database is down then waits for it, logging each
+    attempt, instead of exiting at once.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    delay = 0.5
+    while True:
+        try:
+            await action()
+            return
+        except ForgeError as error:
+            if not error.retriable or time.monotonic() + delay > deadline:
+                raise
+            logger.warning("startup_waiting", error=str(error), retry_in_seconds=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 class _RelayWorker:
     """Lets the server supervise an `OutboxRelay` like a consumer: start, run, stop."""
 
     def __init__(self, relay: Any) -> None:
         self._relay = relay
-        self._stopped = asyncio.Event()
 
     def register_handler(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("the outbox relay has no handlers")
@@ -274,13 +303,13 @@ class _RelayWorker:
         await self._relay.start()
 
     async def run(self) -> None:
-        await self._stopped.wait()
+        # Raises the error that stopped the relay, so that the supervisor sees it.
+        await self._relay.wait()
 
     async def drain(self, timeout: float = 30.0) -> int:
         raise NotImplementedError("the outbox relay runs until stopped; it cannot drain")
 
     async def stop(self) -> None:
-        self._stopped.set()
         await self._relay.stop()
 
 

@@ -2,10 +2,10 @@
 
 Consumers deliver every event at least once, so a handler may see the same event again after a
 crash, a rebalance or an outbox relay that re-sent it. A handler whose effects live in the same
-database as the inbox opts in with `Inbox.claim` (or the `effectively_once` wrapper): the event
-id is recorded for the consumer group in the same transaction as the handler's own writes, and a
-redelivered event is skipped. If the handler raises, its writes and the record are rolled back
-together, so the next delivery runs it again.
+database as the inbox opts in with `Inbox.claim`, or with the `effectively_once` wrapper. The
+event id is then recorded for the consumer group in the same transaction as the handler's own
+writes, and a redelivered event is skipped. If the handler raises, its writes and the record
+are rolled back together, so the next delivery runs it again.
 
 This covers effects inside that one database only. A handler that calls another system must
 make that call idempotent itself, for example by passing the event id along.

@@ -24,7 +24,7 @@ from uuid import UUID
 from forge.config import ForgeSettings
 from forge.core.events.codec import decode_event
 from forge.core.events.ports import EventPublisher
-from forge.exceptions import BatchPublishError, EventValidationError, ForgeError
+from forge.exceptions import BatchPublishError, EventValidationError, ForgeError, NotStartedError
 from forge.logging import get_logger
 from forge.models.events import Event
 
@@ -58,7 +58,7 @@ class OutboxSession(Protocol):
     async def mark_published(self, ids: Sequence[int]) -> None: ...
 
     async def reject(self, record_id: int, reason: str) -> None:
-        """Park a row that can never be published; it stays in the table with the reason."""
+        """Park a row that can never be published. It stays in the table with the reason."""
 
     async def delete_published(self, before: datetime) -> int:
         """Delete rows published before `before`; return how many were deleted."""
@@ -69,10 +69,10 @@ class OutboxSession(Protocol):
 
 @runtime_checkable
 class Outbox(Protocol):
-    """Where a backend keeps outbox rows; `acquire` elects the one relay that publishes them."""
+    """Storage of outbox rows in one backend, and the election of the relay that publishes them."""
 
     async def acquire(self) -> OutboxSession:
-        """Wait until no other relay holds the leadership, then take it.
+        """Wait until the leadership is free, then take it.
 
         Raises:
             StorageUnavailableError: the database cannot be reached; retry later.
@@ -87,7 +87,7 @@ class Outbox(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class RelaySettings:
-    """How an `OutboxRelay` batches, polls, backs off and cleans up."""
+    """Batch size, polling, backoff and cleanup settings of an `OutboxRelay`."""
 
     batch_size: int = 500
     poll_interval_seconds: float = 0.1
@@ -127,11 +127,11 @@ class _BatchOutcome:
 
 
 class OutboxRelay:
-    """Publishes outbox rows through an `EventPublisher`, in write order, at least once.
+    """Relay that publishes outbox rows through an `EventPublisher`, in order, at least once.
 
     Guarantees:
-        - A row is marked published only after the publisher acknowledged its event; a relay
-          stopped, cancelled or killed before that sends it again, with the same event id.
+        - A row is marked published only after the publisher acknowledged its event. A relay
+          stopped, cancelled or killed before that point sends it again, with the same event id.
         - Rows are sent in id order. Writers append one resource's rows in commit order, so
           each resource's events are published in order. When some events of a batch fail,
           the later events of the same resource are held back and the batch is retried with
@@ -176,7 +176,7 @@ class OutboxRelay:
 
     @property
     def is_active(self) -> bool:
-        """True while this relay holds the leadership and may publish."""
+        """True while this relay has the leadership and may publish."""
         return self._session is not None and self._session.is_alive
 
     async def start(self) -> None:
@@ -194,11 +194,29 @@ class OutboxRelay:
         self._task = asyncio.create_task(self._run(), name="forge-outbox-relay")
         logger.info("outbox_relay_started", batch_size=self._settings.batch_size)
 
-    async def stop(self) -> None:
-        """Stop the loop and give up the leadership; idempotent.
+    async def wait(self) -> None:
+        """Wait until the loop ends, which it does only after `stop()` or on an error.
 
-        A batch being published may finish within `stop_timeout_seconds`; after that the loop
-        is cancelled and the rows of that batch are sent again by the next active relay.
+        For a supervisor that runs the relay like a consumer. An error is raised either here or
+        by `stop()`, not by both.
+
+        Raises:
+            NotStartedError: the relay is not started.
+            Exception: the error that stopped the loop.
+        """
+        task = self._task
+        if task is None:
+            raise NotStartedError("OutboxRelay is not started; call start() first.")
+        await asyncio.wait({task})
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    async def stop(self) -> None:
+        """Stop the loop and give up the leadership; calling it twice is fine.
+
+        A batch being published may finish within `stop_timeout_seconds`. After that the loop
+        is cancelled, and the next active relay sends the rows of that batch again.
 
         Raises:
             Exception: the error that stopped the loop earlier, if any.
@@ -206,9 +224,10 @@ class OutboxRelay:
         task, self._task = self._task, None
         if task is not None:
             self._stopping.set()
-            try:
-                await asyncio.wait_for(asyncio.shield(task), self._settings.stop_timeout_seconds)
-            except TimeoutError:
+            # The loop keeps its own errors in `_failure`, so waiting here raises nothing,
+            # even when the task was cancelled from outside.
+            done, _ = await asyncio.wait({task}, timeout=self._settings.stop_timeout_seconds)
+            if not done:
                 logger.warning(
                     "outbox_relay_stop_timed_out",
                     timeout_seconds=self._settings.stop_timeout_seconds,
@@ -237,10 +256,10 @@ class OutboxRelay:
                 except ForgeError as error:
                     if not error.retriable:
                         raise
-                    # The database went away: a new leadership is acquired once it is back,
-                    # and another relay may have taken over meanwhile.
+                    # The database went away or failed: a new leadership is acquired once it
+                    # is back, and another relay may have taken over meanwhile.
                     logger.warning(
-                        "outbox_relay_storage_unavailable",
+                        "outbox_relay_storage_failed",
                         error=str(error),
                         retry_in_seconds=backoff,
                     )
@@ -316,12 +335,20 @@ class OutboxRelay:
         except EventValidationError as error:
             await self._reject(session, record, str(error))
             return None
-        if event.id != record.event_id:
+        mismatch = [
+            f"{name} {row_value!r} of the row differs from the event's {event_value!r}"
+            for name, row_value, event_value in (
+                ("event_id", str(record.event_id), str(event.id)),
+                ("topic", record.topic, event.topic),
+                ("key", record.key, event.key),
+            )
+            if row_value != event_value
+        ]
+        if mismatch:
+            # The publisher routes by the event, so a row that disagrees with its own value was
+            # not written by `encode_event`, and consumers would get it in another topic or key.
             await self._reject(
-                session,
-                record,
-                f"The value's event id {event.id} differs from the row's event_id "
-                f"{record.event_id}; the row was not written by Forge's outbox.",
+                session, record, f"The {', '.join(mismatch)}; rewrite the row with encode_event."
             )
             return None
         if event.to_json() != record.value:
@@ -344,7 +371,7 @@ class OutboxRelay:
 
         # Per resource, only the events before its first failure count as published. A later
         # event of that resource is sent again after the failed one, so that the last copy a
-        # consumer sees of each event keeps the resource's order.
+        # consumer receives of each event keeps the resource's order.
         held_keys: set[str | None] = set()
         acknowledged: list[int] = []
         retry = 0
@@ -405,7 +432,7 @@ class OutboxRelay:
         try:
             await session.close()
         except ForgeError as error:
-            # Closing fails only when the connection is gone, which also ends the leadership.
+            # The leadership ends with the connection, so a failed close leaves nothing held.
             logger.warning("outbox_relay_release_failed", error=str(error))
         logger.info("outbox_relay_released")
 
