@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -18,15 +17,11 @@ from uuid import uuid4
 import httpx
 import pytest
 
+from tests.processes import free_port, wait_for
+
 pytestmark = pytest.mark.slow
 
 START_TIMEOUT = 30.0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Server:
@@ -34,7 +29,7 @@ class Server:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.port = _free_port()
+        self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.log = data_dir / "serve.log"
 
@@ -101,17 +96,6 @@ def server(tmp_path: Path) -> Iterator[Server]:
     running.stop()
 
 
-def _wait_for(condition: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.05)
-
-
 def _audit(server: Server, **params: Any) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
     cursor = None
@@ -147,7 +131,7 @@ def test_capsule_lifecycle_in_audit_trail(server: Server) -> None:
     response = client.delete(f"/capsules/{other['id']}", headers={"X-Actor-Id": editor})
     assert response.status_code == 200, response.text
 
-    events = _wait_for(lambda: (found := _audit(server)) and len(found) >= 6 and found)
+    events = wait_for(lambda: (found := _audit(server)) and len(found) >= 6 and found)
     assert len(events) == 6
     by_type: dict[str, list[dict[str, Any]]] = {}
     for event in events:
@@ -205,7 +189,7 @@ def test_sigkill_loses_no_acknowledged_capsule(server: Server) -> None:
 
     writer = threading.Thread(target=create_in_loop)
     writer.start()
-    _wait_for(lambda: len(acknowledged) >= 30)
+    wait_for(lambda: len(acknowledged) >= 30)
     server.kill()
     stop.set()
     writer.join(timeout=10)
@@ -216,7 +200,7 @@ def test_sigkill_loses_no_acknowledged_capsule(server: Server) -> None:
     stored = {capsule["id"] for capsule in client.get("/capsules", params={"limit": 1000}).json()}
     assert set(acknowledged) <= stored
 
-    created = _wait_for(
+    created = wait_for(
         lambda: (
             (
                 found := {
@@ -247,7 +231,7 @@ def test_cli_capsule_commands_share_data(server: Server) -> None:
     over_http = httpx.get(f"{server.url}/capsules/{capsule_id}", timeout=10).json()
     assert over_http["title"] == "renamed"
 
-    events = _wait_for(
+    events = wait_for(
         lambda: (found := _audit(server, resource_id=capsule_id)) and len(found) == 2 and found
     )
     assert [event["type"] for event in events] == ["capsule.updated", "capsule.created"]
