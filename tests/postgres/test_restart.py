@@ -22,6 +22,7 @@ from forge.infrastructure.sqlite.event_log import SqliteEventLog
 from forge.models.capsule import CapsuleCreate
 from tests.postgres.conftest import SERVER_SCRIPT
 from tests.postgres.helpers import read_all, wait_until
+from tests.processes import ENVIRONMENT_AT_START
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -46,6 +47,9 @@ async def run_server_script(*commands: str) -> None:
         process = await asyncio.create_subprocess_exec(
             str(SERVER_SCRIPT),
             command,
+            # The root conftest removes FORGE_* variables for each test; the script needs the
+            # data and run folders the test run started the server with.
+            env=ENVIRONMENT_AT_START,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )

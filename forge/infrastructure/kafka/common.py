@@ -1,0 +1,108 @@
+"""Topic names, header conversion and error translation shared by the Kafka modules."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+
+from forge.core.events.ports import LogRecord
+from forge.exceptions import BrokerUnavailableError
+from forge.models.events import TOPIC_PREFIX, EventType, topic_for
+
+DEAD_LETTER_TOPIC = f"{TOPIC_PREFIX}.dead-letter"
+"""Topic of records a consumer group could not decode or handle, with the reason in headers."""
+
+CONNECT_TIMEOUT_SECONDS = 10.0
+"""Maximum wait for the first connection to the broker before `BrokerUnavailableError`."""
+
+START_BROKER_FIX = (
+    "Start the broker (`scripts/kafka-broker start` for a local one), or set "
+    "FORGE_KAFKA_BOOTSTRAP_SERVERS to the address of a running broker."
+)
+
+KafkaHeaders = list[tuple[str, bytes]]
+
+
+def event_topics(event_types: Iterable[EventType] | None = None) -> list[str]:
+    """Return the topics of `event_types` (all event types when None), sorted."""
+    types = EventType if event_types is None else event_types
+    return sorted({topic_for(event_type) for event_type in types})
+
+
+def to_kafka_headers(headers: Mapping[str, str]) -> KafkaHeaders:
+    """Convert Forge's string headers to Kafka's (name, bytes) pairs."""
+    return [(name, value.encode("utf-8")) for name, value in headers.items()]
+
+
+def from_kafka_headers(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
+    """Convert Kafka headers to strings; the last of repeated names wins.
+
+    Bytes that are not UTF-8 become U+FFFD, so that a faulty producer's header cannot stop the
+    record from reaching the decoder, which parks it if the value is broken too.
+    """
+    converted: dict[str, str] = {}
+    for name, value in headers or ():
+        converted[name] = value.decode("utf-8", "replace") if value is not None else ""
+    return converted
+
+
+def is_retriable(error: BaseException) -> bool:
+    """Return whether the same Kafka call may succeed later without a change by the caller."""
+    if isinstance(error, KafkaTimeoutError | KafkaConnectionError | asyncio.TimeoutError):
+        return True
+    return bool(getattr(error, "retriable", False))
+
+
+def describe(error: BaseException) -> str:
+    """Return a one-line description of a Kafka error: its class name and message."""
+    message = str(error)
+    name = type(error).__name__
+    if not message:
+        return name
+    # aiokafka's errors already start their message with the class name.
+    return message if message.startswith(name) else f"{name}: {message}"
+
+
+async def start_client(
+    start: Awaitable[Any], bootstrap_servers: str, what: str, timeout: float
+) -> None:
+    """Await an aiokafka client's `start()`, translating failures to `BrokerUnavailableError`.
+
+    Raises:
+        BrokerUnavailableError: no broker responded at `bootstrap_servers` within `timeout`
+            seconds. The message names the address and the fix.
+    """
+    try:
+        await asyncio.wait_for(start, timeout)
+    except (KafkaError, OSError, TimeoutError) as error:
+        reason = (
+            f"no response within {timeout:g} s"
+            if isinstance(error, TimeoutError)
+            else describe(error)
+        )
+        raise BrokerUnavailableError(
+            f"The {what} cannot reach the Kafka broker at {bootstrap_servers} ({reason}). "
+            f"{START_BROKER_FIX}"
+        ) from error
+
+
+def to_log_record(message: Any) -> LogRecord:
+    """Convert an aiokafka `ConsumerRecord` to a `LogRecord`, leaving the value undecoded."""
+    key: bytes | None = message.key
+    value: bytes | None = message.value
+    return LogRecord(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=key.decode("utf-8", "replace") if key is not None else None,
+        # A record without value (a tombstone) is not an event; the decoder parks it.
+        value=value if value is not None else b"",
+        headers=from_kafka_headers(message.headers),
+        timestamp=datetime.fromtimestamp(message.timestamp / 1000, UTC)
+        if message.timestamp is not None and message.timestamp >= 0
+        else None,
+    )

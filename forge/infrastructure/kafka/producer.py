@@ -1,0 +1,411 @@
+"""Kafka producer of Forge events.
+
+Each event goes to the topic of its type (`forge.<type value>`), keyed by its resource id so
+that one resource's events land in one partition and stay in order. The value is the codec's
+JSON and the headers carry the event id, type, schema version and correlation id.
+
+Delivery guarantees, with the settings chosen in `KafkaEventProducer.__init__`:
+
+- `publish` and `publish_batch` return only after the broker acknowledged every event
+  (`acks="all"`); otherwise they raise, naming the events that were not acknowledged.
+- The producer is idempotent, so its internal retries neither duplicate nor reorder events
+  within a partition. A caller that retries after an error may still write an event twice,
+  because an acknowledgement can be lost after the write. Consumers get at-least-once delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from forge.config import ForgeSettings
+from forge.core.events.codec import EncodedEvent, encode_event
+from forge.exceptions import (
+    BatchPublishError,
+    EventValidationError,
+    NotStartedError,
+    PublishError,
+)
+from forge.infrastructure.kafka.admin import check_topics
+from forge.infrastructure.kafka.common import (
+    CONNECT_TIMEOUT_SECONDS,
+    DEAD_LETTER_TOPIC,
+    describe,
+    event_topics,
+    is_retriable,
+    start_client,
+    to_kafka_headers,
+)
+from forge.logging import get_logger
+from forge.models.events import Event
+
+logger = get_logger(__name__)
+
+LINGER_MS = 5
+"""Wait before sending a partly filled batch: concurrent sends share one request."""
+
+MAX_BATCH_BYTES = 256 * 1024
+"""Buffer per partition; aiokafka's default of 16 KiB caps throughput with 1 KiB events."""
+
+REQUEST_TIMEOUT_MS = 30_000
+"""Maximum wait for an acknowledgement. A publish while the broker is down fails after it."""
+
+_RECORD_OVERHEAD_BYTES = 64 * 1024
+"""Room for key, headers and batch framing above `max_event_bytes` in one request."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    """One record to send, and the event id that failures are reported under."""
+
+    report_id: Any
+    topic: str
+    key: str | None
+    value: bytes
+    headers: Mapping[str, str]
+
+
+class KafkaEventProducer:
+    """Publishes events to Kafka with idempotent, fully acknowledged writes.
+
+    Use as `async with KafkaEventProducer() as producer:` or call `start()` and `stop()`.
+    """
+
+    TOPIC_PREFIX = "forge"
+
+    def __init__(
+        self,
+        bootstrap_servers: str | None = None,
+        *,
+        settings: ForgeSettings | None = None,
+        compression_type: str | None = None,
+        request_timeout_ms: int = REQUEST_TIMEOUT_MS,
+        check_topics_on_start: bool = True,
+    ) -> None:
+        """Configure the producer; nothing connects before `start()`.
+
+        Args:
+            bootstrap_servers: overrides `settings.kafka_bootstrap_servers`.
+            compression_type: None, "gzip", "snappy", "lz4" or "zstd". Compression costs CPU
+                and pays off for large or repetitive events; the last three need their
+                Python package installed.
+            request_timeout_ms: maximum wait for an acknowledgement before a publish fails.
+            check_topics_on_start: check at `start()` that every event topic and the
+                dead-letter topic exist, so that a missing topic is reported at once.
+        """
+        self._settings = settings or ForgeSettings()
+        self._bootstrap_servers = bootstrap_servers or self._settings.kafka_bootstrap_servers
+        self._compression_type = compression_type
+        self._request_timeout_ms = request_timeout_ms
+        self._check_topics_on_start = check_topics_on_start
+        self._max_event_bytes = self._settings.max_event_bytes
+        self._producer: AIOKafkaProducer | None = None
+        self._start_lock = asyncio.Lock()
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self._bootstrap_servers
+
+    @property
+    def started(self) -> bool:
+        return self._producer is not None
+
+    async def __aenter__(self) -> KafkaEventProducer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Connect to the broker; calling it again, even concurrently, starts one client.
+
+        Raises:
+            BrokerUnavailableError: no broker responded within the connect timeout.
+            MissingTopicsError: event topics are missing and the broker does not create them.
+        """
+        async with self._start_lock:
+            if self._producer is not None:
+                return
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap_servers,
+                client_id=self._settings.kafka_client_id,
+                # Idempotence makes the producer's own retries safe: without it, acks="all"
+                # can still duplicate or reorder a batch that is retried after a timeout.
+                enable_idempotence=True,
+                acks="all",
+                linger_ms=LINGER_MS,
+                max_batch_size=MAX_BATCH_BYTES,
+                max_request_size=self._max_event_bytes + _RECORD_OVERHEAD_BYTES,
+                compression_type=self._compression_type,
+                request_timeout_ms=self._request_timeout_ms,
+            )
+            try:
+                await start_client(
+                    producer.start(),
+                    self._bootstrap_servers,
+                    "Kafka producer",
+                    CONNECT_TIMEOUT_SECONDS,
+                )
+                if self._check_topics_on_start:
+                    await check_topics(
+                        self._settings_for_admin(), [*event_topics(), DEAD_LETTER_TOPIC]
+                    )
+            except BaseException:
+                await producer.stop()
+                raise
+            self._producer = producer
+            logger.info("kafka_producer_started", bootstrap_servers=self._bootstrap_servers)
+
+    async def stop(self) -> None:
+        """Send what is buffered, then close the connection; calling it again does nothing."""
+        async with self._start_lock:
+            producer, self._producer = self._producer, None
+            if producer is None:
+                return
+            try:
+                await producer.stop()
+            except KafkaError as error:
+                logger.warning("kafka_producer_stop_failed", error=describe(error))
+            logger.info("kafka_producer_stopped", bootstrap_servers=self._bootstrap_servers)
+
+    async def publish(self, event: Event[Any]) -> None:
+        """Return once the broker acknowledged the event.
+
+        Raises:
+            BatchPublishError: the event is invalid (for example over `max_event_bytes`) or the
+                broker did not acknowledge it; `failed` maps its id to the cause. It is a
+                `PublishError`, retriable when the cause is.
+            NotStartedError: `start()` was not called, or `stop()` was.
+        """
+        await self.publish_batch([event])
+
+    async def publish_batch(self, events: Sequence[Event[Any]]) -> None:
+        """Send all events concurrently and return once the broker acknowledged each of them.
+
+        The batch is not atomic: valid events are sent even when others are invalid.
+
+        Raises:
+            BatchPublishError: some events are invalid or were not acknowledged. `failed` maps
+                exactly those event ids to their error, and `acknowledged` counts the others,
+                which are durably written.
+            NotStartedError: `start()` was not called, or `stop()` was.
+        """
+        producer = self._require_started()
+        if not events:
+            return
+
+        outgoing: list[_Outgoing] = []
+        failed: dict[Any, BaseException] = {}
+        for event in events:
+            try:
+                encoded = encode_event(event, self._max_event_bytes)
+            except EventValidationError as error:
+                failed[event.id] = error
+                continue
+            outgoing.append(_outgoing(encoded))
+
+        failed.update(await self._send_all(producer, outgoing))
+        if failed:
+            raise _batch_error(len(events), failed)
+
+    async def append_raw(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> int:
+        """Write a record as given, without validation; return its offset once acknowledged.
+
+        This is for integrations that write foreign records and for tests: consumers park a
+        malformed value with the reason.
+
+        Raises:
+            PublishError: the broker did not acknowledge the record.
+        """
+        producer = self._require_started()
+        try:
+            future = await producer.send(
+                topic,
+                value=value,
+                key=key.encode("utf-8") if key is not None else None,
+                headers=to_kafka_headers(headers or {}),
+            )
+            metadata = await future
+        except KafkaError as error:
+            raise _publish_error(f"Writing a record to {topic} failed", error) from error
+        return int(metadata.offset)
+
+    async def send_records(
+        self, records: Sequence[tuple[str, bytes | None, bytes, Sequence[tuple[str, bytes]]]]
+    ) -> dict[int, BaseException]:
+        """Send (topic, key, value, headers) records concurrently; return errors by position.
+
+        An empty result means the broker acknowledged every record. Used by the consumer to
+        write dead letters.
+        """
+        producer = self._require_started()
+        futures: list[tuple[int, asyncio.Future[Any]]] = []
+        errors: dict[int, BaseException] = {}
+        for position, (topic, key, value, headers) in enumerate(records):
+            try:
+                futures.append(
+                    (position, await producer.send(topic, value=value, key=key, headers=headers))
+                )
+            except KafkaError as error:
+                errors[position] = error
+        results = await asyncio.gather(*(future for _, future in futures), return_exceptions=True)
+        for (position, _), result in zip(futures, results, strict=True):
+            if isinstance(result, BaseException):
+                errors[position] = result
+        return errors
+
+    def _require_started(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise NotStartedError(
+                "KafkaEventProducer is not started: call `await producer.start()` or use it as "
+                "`async with KafkaEventProducer() as producer:`."
+            )
+        return self._producer
+
+    def _settings_for_admin(self) -> ForgeSettings:
+        if self._bootstrap_servers == self._settings.kafka_bootstrap_servers:
+            return self._settings
+        return self._settings.model_copy(
+            update={"kafka_bootstrap_servers": self._bootstrap_servers}
+        )
+
+    async def _send_all(
+        self, producer: AIOKafkaProducer, outgoing: Sequence[_Outgoing]
+    ) -> dict[Any, BaseException]:
+        """Send every record, then await all acknowledgements together."""
+        # send() only appends to the partition's buffer. Awaiting each future right after its
+        # send would wait a round trip per event instead of one per batch.
+        pending: list[tuple[_Outgoing, asyncio.Future[Any]]] = []
+        failed: dict[Any, BaseException] = {}
+        for item in outgoing:
+            try:
+                future = await producer.send(
+                    item.topic,
+                    value=item.value,
+                    key=item.key.encode("utf-8") if item.key is not None else None,
+                    headers=to_kafka_headers(item.headers),
+                )
+            except KafkaError as error:
+                failed[item.report_id] = _publish_error(
+                    f"Event {item.report_id} was not sent to {item.topic}", error
+                )
+                continue
+            pending.append((item, future))
+
+        results = await asyncio.gather(*(future for _, future in pending), return_exceptions=True)
+        for (item, _), result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                failed[item.report_id] = _publish_error(
+                    f"Event {item.report_id} was not acknowledged by {item.topic}", result
+                )
+                logger.error(
+                    "event_publish_failed",
+                    event_id=str(item.report_id),
+                    topic=item.topic,
+                    error=describe(result),
+                )
+            else:
+                logger.debug(
+                    "event_published",
+                    event_id=str(item.report_id),
+                    topic=item.topic,
+                    partition=result.partition,
+                    offset=result.offset,
+                )
+        return failed
+
+
+def _outgoing(encoded: EncodedEvent) -> _Outgoing:
+    return _Outgoing(encoded.event.id, encoded.topic, encoded.key, encoded.value, encoded.headers)
+
+
+def _publish_error(context: str, error: BaseException) -> PublishError:
+    translated = PublishError(f"{context}: {describe(error)}.")
+    translated.retriable = is_retriable(error)
+    translated.__cause__ = error
+    return translated
+
+
+def _batch_error(total: int, failed: dict[Any, BaseException]) -> BatchPublishError:
+    first_id, first_error = next(iter(failed.items()))
+    if total == 1:
+        message = f"Event {first_id} was not published: {first_error}"
+    else:
+        message = (
+            f"{len(failed)} of {total} events were not published; the other "
+            f"{total - len(failed)} were acknowledged. First failure, event {first_id}: "
+            f"{first_error}"
+        )
+    error = BatchPublishError(message, failed, acknowledged=total - len(failed))
+    # Retrying helps only when every failure was the broker's, not an invalid event.
+    error.retriable = all(getattr(cause, "retriable", False) for cause in failed.values())
+    return error
+
+
+# Process-wide producer ---------------------------------------------------------------------------
+
+_producer: KafkaEventProducer | None = None
+_producer_loop: asyncio.AbstractEventLoop | None = None
+_singleton_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _singleton_lock() -> asyncio.Lock:
+    # One lock per event loop: an asyncio.Lock used from a second loop raises RuntimeError.
+    loop = asyncio.get_running_loop()
+    lock = _singleton_locks.get(loop)
+    if lock is None:
+        lock = _singleton_locks[loop] = asyncio.Lock()
+    return lock
+
+
+async def get_event_producer() -> KafkaEventProducer:
+    """Return the process-wide producer, started; concurrent first calls start only one.
+
+    Raises:
+        BrokerUnavailableError: the broker cannot be reached; the next call tries again.
+        MissingTopicsError: event topics are missing and the broker does not create them.
+    """
+    global _producer, _producer_loop
+    async with _singleton_lock():
+        loop = asyncio.get_running_loop()
+        if _producer is not None and _producer_loop is not loop:
+            # A producer's connections belong to the loop that started it; that loop is gone.
+            logger.warning("kafka_producer_replaced", reason="started on another event loop")
+            _producer = None
+        if _producer is None:
+            producer = KafkaEventProducer()
+            await producer.start()
+            _producer, _producer_loop = producer, loop
+        return _producer
+
+
+async def shutdown_event_producer() -> None:
+    """Stop the process-wide producer after sending what it buffered; safe to call twice."""
+    global _producer, _producer_loop
+    async with _singleton_lock():
+        producer, _producer, _producer_loop = _producer, None, None
+    if producer is not None:
+        await producer.stop()
+
+
+__all__ = [
+    "KafkaEventProducer",
+    "get_event_producer",
+    "shutdown_event_producer",
+]
