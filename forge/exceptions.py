@@ -15,8 +15,9 @@ from typing import Any
 class ForgeError(Exception):
     """Base class of every error raised by Forge on purpose.
 
-    `retriable` tells a caller whether the same call may succeed later without a change on its
-    side (a broker or database that is down), as aiokafka's errors do.
+    `retriable` is True when the same call may succeed later without a change on the caller's
+    side, for example once a broker or database is up again. aiokafka's errors carry the same
+    flag.
     """
 
     retriable: bool = False
@@ -70,7 +71,7 @@ class UnknownEventTypeError(EventValidationError):
 
 
 class EventSchemaError(EventValidationError):
-    """The event's `schema_version` is newer than this code knows, or cannot be upgraded."""
+    """The event's `schema_version` is newer than this code supports, or cannot be upgraded."""
 
 
 class EventTooLargeError(EventValidationError):

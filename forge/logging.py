@@ -1,6 +1,6 @@
 """Structured logging for Forge.
 
-The library only asks structlog for loggers; it never configures logging at import time. The
+The library only gets loggers from structlog and never configures logging at import time. The
 `forge` command and the server call `configure_logging` once at start-up.
 """
 

@@ -1,7 +1,7 @@
 """HTTP API of Forge's event system: capsules, audit queries, replay, dead letters, health.
 
-`create_app` also runs the workers (the audit recorder) inside the server process unless told
-not to, so that `forge serve` is the whole system on the embedded default.
+`create_app` also runs the workers (the audit recorder, and on Kafka the outbox relay) inside
+the server process unless `run_workers=False`, so that `forge serve` is the whole system.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Dead letters: events a consumer group could not decode or handle, parked with the reason.
 
-A parked event is never dropped. `forge dlq list` shows it and `forge dlq retry` asks the
-group's consumer to deliver it again to the handler that failed.
+A parked event is never dropped. `forge dlq list` shows it, and `forge dlq retry` marks it so
+that the group's consumer delivers it again to the handler that failed.
 """
 
 from __future__ import annotations

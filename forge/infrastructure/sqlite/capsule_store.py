@@ -1,8 +1,8 @@
 """Capsule store in the embedded SQLite file.
 
 Each write appends its events to the event log inside the same transaction as the capsule row,
-so a crash keeps both or neither: there is no window where the state changed but no event says
-so, nor an event for a change that was not stored.
+so a crash keeps both or neither. No state change is stored without its event, and no event
+is stored for a change that was not.
 """
 
 from __future__ import annotations
