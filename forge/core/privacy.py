@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
@@ -61,6 +62,38 @@ def _replace_data(event: Event[Any], values: dict[str, Any]) -> Event[Any]:
     return type(event).model_validate({**event.model_dump(mode="json"), "data": data})
 
 
+def _plain_values(event: Event[Any]) -> dict[str, Any]:
+    """Return the personal fields of the event that are not sealed yet."""
+    return {
+        name: value
+        for name, value in _personal_values(event).items()
+        if not (isinstance(value, str) and value.startswith(SEALED_PREFIX))
+    }
+
+
+def _required_subject(event: Event[Any]) -> UUID:
+    subject = subject_of(event)
+    if subject is None:
+        raise ValueError(
+            f"Event {event.id} ({event.type.value}) carries personal data but names no "
+            "subject; set resource_id or actor_id to the user it is about."
+        )
+    return subject
+
+
+def _seal_with(event: Event[Any], plain: dict[str, Any], key: bytes | None) -> Event[Any]:
+    if key is None:
+        # The subject was anonymized: their new personal data is not kept either.
+        return _replace_data(event, dict.fromkeys(plain))
+    cipher = AESGCM(key)
+    sealed = {}
+    for name, value in plain.items():
+        nonce = os.urandom(_NONCE_BYTES)
+        token = nonce + cipher.encrypt(nonce, orjson.dumps(str(value)), event.id.bytes)
+        sealed[name] = SEALED_PREFIX + base64.urlsafe_b64encode(token).decode()
+    return _replace_data(event, sealed)
+
+
 class PersonalDataProtector:
     """Seals personal fields of events before they are stored, and reveals them on request."""
 
@@ -69,30 +102,40 @@ class PersonalDataProtector:
 
     async def seal(self, event: Event[Any]) -> Event[Any]:
         """Return the event with each personal field encrypted; events without any unchanged."""
-        plain = {
-            name: value
-            for name, value in _personal_values(event).items()
-            if not (isinstance(value, str) and value.startswith(SEALED_PREFIX))
-        }
+        plain = _plain_values(event)
         if not plain:
             return event
-        subject = subject_of(event)
-        if subject is None:
-            raise ValueError(
-                f"Event {event.id} ({event.type.value}) carries personal data but names no "
-                "subject; set resource_id or actor_id to the user it is about."
-            )
+        subject = _required_subject(event)
         key = await self._keys.key_for(subject, create=True)
-        if key is None:
-            # The subject was anonymized: their new personal data is not kept either.
-            return _replace_data(event, dict.fromkeys(plain))
-        cipher = AESGCM(key)
-        sealed = {}
-        for name, value in plain.items():
-            nonce = os.urandom(_NONCE_BYTES)
-            token = nonce + cipher.encrypt(nonce, orjson.dumps(str(value)), event.id.bytes)
-            sealed[name] = SEALED_PREFIX + base64.urlsafe_b64encode(token).decode()
-        return _replace_data(event, sealed)
+        return _seal_with(event, plain, key)
+
+    async def seal_many(self, events: Sequence[Event[Any]]) -> list[Event[Any]]:
+        """Return the events with personal fields sealed, as `seal` does for each one.
+
+        Each subject's key is fetched once per call. With a store that has `keys_for`, such as
+        the SQLite store, that is one transaction for all of them instead of one per event.
+        """
+        to_seal: dict[int, tuple[dict[str, Any], UUID]] = {}
+        for index, event in enumerate(events):
+            if not event.data.personal_fields():
+                continue
+            plain = _plain_values(event)
+            if plain:
+                to_seal[index] = (plain, _required_subject(event))
+        sealed = list(events)
+        if not to_seal:
+            return sealed
+        subjects = list(dict.fromkeys(subject for _, subject in to_seal.values()))
+        # NOTE: `keys_for` is not part of the SubjectKeyStore protocol yet; stores without it
+        # get one `key_for` call per subject.
+        keys_for = getattr(self._keys, "keys_for", None)
+        if keys_for is not None:
+            keys: dict[UUID, bytes | None] = await keys_for(subjects, create=True)
+        else:
+            keys = {subject: await self._keys.key_for(subject, create=True) for subject in subjects}
+        for index, (plain, subject) in to_seal.items():
+            sealed[index] = _seal_with(events[index], plain, keys[subject])
+        return sealed
 
     async def reveal(self, event: Event[Any]) -> Event[Any]:
         """Return the event with personal fields decrypted, or None where the key was erased."""
@@ -115,6 +158,25 @@ class PersonalDataProtector:
         erased = await self._keys.forget(subject_id)
         logger.info("personal_data_key_erased", subject_id=str(subject_id), erased=erased)
         return erased
+
+    async def forget_many(self, subject_ids: Sequence[UUID]) -> None:
+        """Erase the keys of several subjects, as `forget` does for each one.
+
+        With a store that has `forget_many`, such as the SQLite store, that is one transaction
+        for all of them instead of one per subject.
+        """
+        subjects = list(dict.fromkeys(subject_ids))
+        if not subjects:
+            return
+        # NOTE: `forget_many` is not part of the SubjectKeyStore protocol yet; stores without
+        # it get one `forget` call per subject.
+        forget_all = getattr(self._keys, "forget_many", None)
+        if forget_all is not None:
+            erased: dict[UUID, bool] = await forget_all(subjects)
+        else:
+            erased = {subject: await self._keys.forget(subject) for subject in subjects}
+        for subject in subjects:
+            logger.info("personal_data_key_erased", subject_id=str(subject), erased=erased[subject])
 
     async def handle_anonymized(self, event: Event[Any]) -> None:
         """Handler for `user.anonymized`: erase the user's key."""

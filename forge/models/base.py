@@ -46,21 +46,35 @@ class FrozenDict(dict[str, Any]):
         return self
 
 
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+"""Types that `deep_freeze` and `thaw` return unchanged. Most values are of these types, so they
+are checked first."""
+
+
 def deep_freeze(value: Any) -> Any:
     """Return `value` with every dict made a `FrozenDict` and every list a tuple."""
     if isinstance(value, dict):
-        return FrozenDict({key: deep_freeze(item) for key, item in value.items()})
+        return FrozenDict(
+            {
+                key: item if type(item) in _JSON_SCALARS else deep_freeze(item)
+                for key, item in value.items()
+            }
+        )
     if isinstance(value, list | tuple):
-        return tuple(deep_freeze(item) for item in value)
+        return tuple(item if type(item) in _JSON_SCALARS else deep_freeze(item) for item in value)
     return value
 
 
 def thaw(value: Any) -> Any:
     """Return `value` with every mapping made a dict and every tuple a list, as JSON has them."""
+    if type(value) in _JSON_SCALARS:
+        return value
     if isinstance(value, Mapping):
-        return {key: thaw(item) for key, item in value.items()}
+        return {
+            key: item if type(item) in _JSON_SCALARS else thaw(item) for key, item in value.items()
+        }
     if isinstance(value, tuple):
-        return [thaw(item) for item in value]
+        return [item if type(item) in _JSON_SCALARS else thaw(item) for item in value]
     return value
 
 

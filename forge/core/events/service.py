@@ -103,7 +103,11 @@ class EventService:
     async def publish_many(self, events: Sequence[Event[Any]]) -> list[Event[Any]]:
         """Publish events together; all are accepted or `BatchPublishError` names the failed."""
         publisher = await self.initialize()
-        prepared = [await self._prepare(event) for event in events]
+        prepared = [stamp(event) for event in events]
+        if self._protector is not None:
+            # One key lookup for the whole batch, because sealing event by event cost a write
+            # transaction per event with personal data.
+            prepared = await self._protector.seal_many(prepared)
         await publisher.publish_batch(prepared)
         return prepared
 

@@ -29,7 +29,7 @@ from forge.core.events.ports import BatchEventHandler, EventHandler, LogRecord
 from forge.exceptions import ConsumerGroupError, ForgeError, NotStartedError
 from forge.infrastructure.sqlite.database import SqliteDatabase
 from forge.infrastructure.sqlite.dead_letters import SqliteDeadLetterStore
-from forge.infrastructure.sqlite.event_log import fetch_records, max_seq, row_to_record
+from forge.infrastructure.sqlite.event_log import fetch_pending, max_seq, row_to_record
 from forge.logging import get_logger
 from forge.models.events import EventType, topic_for
 
@@ -237,8 +237,9 @@ class SqliteEventConsumer:
 
     async def _handle_batch(self) -> bool:
         batch_size = self._settings.consumer_batch_size
+        positions, cursor = dict(self._positions), self._cursor
         rows = await self._database.read(
-            lambda connection: fetch_records(connection, self._topics, self._cursor, batch_size)
+            lambda connection: fetch_pending(connection, positions, cursor, batch_size)
         )
         if not rows:
             return False

@@ -282,10 +282,51 @@ def fetch_records(
     ).fetchall()
 
 
+_ALL_EVENT_TOPICS = frozenset(topic_for(event_type) for event_type in EventType)
+
+
+def fetch_pending(
+    connection: sqlite3.Connection, positions: Mapping[str, int], after_seq: int, limit: int
+) -> list[tuple[Any, ...]]:
+    """Return up to `limit` records of the topics in `positions` after `after_seq`, in append
+    order. Records below a topic's position (the next offset to handle) may be included, so
+    callers skip them.
+
+    The cost of a call does not grow with the length of the log. `fetch_records` with a topic
+    list lets SQLite pick the (topic, log_offset) index, read every record of those topics and
+    sort them by seq, for each batch, so consuming a long log took quadratic time.
+    """
+    if not positions:
+        return []
+    if _ALL_EVENT_TOPICS <= positions.keys():
+        # Nearly every record matches, so a scan in seq order finds `limit` records at once.
+        # The unary + keeps SQLite from using the topic index for this term.
+        placeholders = ",".join("?" * len(positions))
+        return connection.execute(
+            f"{_SELECT_RECORD} WHERE seq > ? AND +topic IN ({placeholders}) ORDER BY seq LIMIT ?",
+            (after_seq, *positions, limit),
+        ).fetchall()
+    # Some topics: seek each one from its position in the (topic, log_offset) index, which
+    # also contains seq, then read the first `limit` of those records by seq.
+    selects: list[str] = []
+    parameters: list[Any] = []
+    for topic, offset in positions.items():
+        selects.append(
+            "SELECT * FROM (SELECT seq FROM event_log WHERE topic = ? AND log_offset >= ? "
+            "AND seq > ? ORDER BY log_offset LIMIT ?)"
+        )
+        parameters.extend((topic, offset, after_seq, limit))
+    return connection.execute(
+        f"{_SELECT_RECORD} WHERE seq IN ({' UNION ALL '.join(selects)}) ORDER BY seq LIMIT ?",
+        (*parameters, limit),
+    ).fetchall()
+
+
 __all__ = [
     "SqliteEventLog",
     "append_events",
     "append_records",
+    "fetch_pending",
     "fetch_records",
     "max_seq",
     "row_to_record",

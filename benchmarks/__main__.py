@@ -1,0 +1,112 @@
+"""Run Forge's benchmarks, print one table and write benchmarks/results/latest.json.
+
+Usage: benchmarks/run [--smoke] [--only GROUP,...] [--runs N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks import embedded, kafka, memory, postgres, replay
+from benchmarks.eventgen import EventGenerator
+from benchmarks.harness import ERROR, Row, render_table, write_report
+from benchmarks.scale import FULL, SMOKE, Scale
+from forge.logging import configure_logging
+from forge.models.events import Event
+
+GROUPS = ("embedded", "replay", "memory", "kafka", "postgres")
+"""Benchmark groups: the first three need only SQLite, the others start their servers."""
+DEFAULT_REPORT = Path(__file__).resolve().parent / "results" / "latest.json"
+
+
+def _guarded(name: str, function: Callable[[], list[Row]]) -> list[Row]:
+    """Run one benchmark; turn an exception into an ERROR row so the others still run."""
+    started = time.monotonic()
+    print(f"running {name} ...", file=sys.stderr, flush=True)
+    try:
+        rows = function()
+    except Exception as error:  # reported in the table; the other benchmarks still run
+        return [Row(name, "", "", status=ERROR, note=f"{type(error).__name__}: {error}")]
+    print(f"  {name} took {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+    return rows
+
+
+def run_groups(groups: list[str], scale: Scale, provision: bool) -> list[Row]:
+    events: list[Event[object]] = EventGenerator().events(scale.throughput_events)
+    rows: list[Row] = []
+    if "embedded" in groups:
+        rows += _guarded("embedded publish/consume/audit", lambda: embedded.run(scale, events))
+    if "replay" in groups:
+        rows += _guarded("replay", lambda: replay.run(scale))
+    if "memory" in groups:
+        rows += _guarded("worker memory", lambda: memory.run(scale, events))
+    if "kafka" in groups:
+        rows += _guarded("kafka", lambda: kafka.run(scale, events, provision=provision))
+    if "postgres" in groups:
+        rows += _guarded("postgres audit", lambda: postgres.run(scale, events, provision=provision))
+    return rows
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/run",
+        description="Run Forge's benchmarks against their anchors and print one table.",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few thousand events and one run of each benchmark, to check that they work",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(GROUPS),
+        help=f"comma-separated groups to run, from {', '.join(GROUPS)} (default: all)",
+    )
+    parser.add_argument("--runs", type=int, help="runs of each benchmark (default: 3, smoke: 1)")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=DEFAULT_REPORT,
+        help=f"where to write the JSON report (default: {DEFAULT_REPORT})",
+    )
+    parser.add_argument(
+        "--no-provision",
+        action="store_true",
+        help="do not start the Kafka broker or PostgreSQL server; use running ones or skip",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    groups = [group.strip() for group in arguments.only.split(",") if group.strip()]
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        print(f"unknown group(s) {', '.join(unknown)}; use {', '.join(GROUPS)}", file=sys.stderr)
+        return 2
+    scale = SMOKE if arguments.smoke else FULL
+    if arguments.runs is not None:
+        if arguments.runs < 1:
+            print(f"--runs must be at least 1, got {arguments.runs}", file=sys.stderr)
+            return 2
+        scale = Scale(**{**scale.__dict__, "runs": arguments.runs})
+
+    configure_logging("WARNING")
+    rows = run_groups(groups, scale, provision=not arguments.no_provision)
+    for row in rows:
+        row.evaluate()
+
+    mode = "smoke" if arguments.smoke else "full"
+    print(f"Forge benchmarks ({mode}, {scale.runs} run(s) each)")
+    print(render_table(rows))
+    write_report(arguments.json, rows, mode, scale.runs)
+    print(f"\nJSON report: {arguments.json}")
+    return 1 if any(row.status == ERROR for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
