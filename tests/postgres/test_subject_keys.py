@@ -109,3 +109,16 @@ async def test_sealed_data_unreadable_after_forget(keys: PostgresSubjectKeyStore
     assert revealed.data.user_agent == "curl/8.0"
     assert after_forget.data.ip_address is None
     assert after_forget.data.user_agent is None
+
+
+async def test_forget_many_erases_each_once(keys: PostgresSubjectKeyStore) -> None:
+    keyed, unknown = uuid.uuid4(), uuid.uuid4()
+    await keys.key_for(keyed, create=True)
+
+    first = await keys.forget_many([keyed, unknown, keyed])
+    second = await keys.forget_many([keyed, unknown])
+
+    assert first == {keyed: True, unknown: True}
+    assert second == {keyed: False, unknown: False}
+    assert await keys.key_for(keyed, create=True) is None
+    assert await keys.key_for(unknown, create=True) is None

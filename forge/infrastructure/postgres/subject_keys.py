@@ -83,3 +83,18 @@ class PostgresSubjectKeyStore:
             subject_id,
         )
         return status_count(status) > 0
+
+    async def forget_many(self, subject_ids: Sequence[UUID]) -> dict[UUID, bool]:
+        """Return what `forget` returns for each subject, in one statement for all."""
+        unique = list(dict.fromkeys(subject_ids))
+        if not unique:
+            return {}
+        rows = await self._database.fetch(
+            "INSERT INTO subject_keys (subject_id, key, erased_at) "
+            "SELECT subject_id, NULL, now() FROM unnest($1::uuid[]) AS subject_id "
+            "ON CONFLICT (subject_id) DO UPDATE SET key = NULL, erased_at = excluded.erased_at "
+            "WHERE subject_keys.key IS NOT NULL RETURNING subject_id",
+            unique,
+        )
+        erased = {UUID(str(row["subject_id"])) for row in rows}
+        return {subject_id: subject_id in erased for subject_id in subject_ids}
