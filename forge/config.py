@@ -16,14 +16,14 @@ from forge.exceptions import ConfigurationError
 
 
 class EventBackend(str, Enum):
-    """Where events travel: the embedded SQLite event log or Apache Kafka."""
+    """Event transport: the embedded SQLite event log or Apache Kafka."""
 
     SQLITE = "sqlite"
     KAFKA = "kafka"
 
 
 class StoreBackend(str, Enum):
-    """Where the capsule, audit, dead-letter, outbox and inbox stores live."""
+    """Database of the capsule, audit, dead-letter, outbox and inbox stores."""
 
     SQLITE = "sqlite"
     POSTGRES = "postgres"
@@ -54,13 +54,24 @@ class ForgeSettings(BaseSettings):
     kafka_replication_factor: int = Field(default=1, ge=1)
     kafka_client_id: str = "forge"
     kafka_startup_timeout_seconds: float = Field(
-        default=300.0,
+        default=10.0,
         gt=0,
-        description="How long a process waits at start-up for an unreachable broker.",
+        description="How long a publish waits for a broker that is not connected yet, "
+        "for example one still starting; then it fails with BrokerUnavailableError.",
     )
 
     # PostgreSQL
     postgres_dsn: str = "postgresql://forge@127.0.0.1:54329/forge"
+    postgres_startup_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a process waits at start-up for an unreachable database.",
+    )
+    postgres_schema: str = Field(
+        default="public",
+        description="Schema of Forge's tables, created when missing; separate schemas let "
+        "several deployments or test runs share one database.",
+    )
 
     # Consumers
     consumer_max_attempts: int = Field(

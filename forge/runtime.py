@@ -8,6 +8,7 @@ apart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -22,7 +23,12 @@ from forge.core.events.ports import EventConsumer, EventLogReader, EventPublishe
 from forge.core.events.service import EventService
 from forge.core.privacy import PersonalDataProtector
 from forge.core.replay.capsules import CapsuleReplayer, ResourceEventSource
-from forge.exceptions import ConfigurationError, ForgeError, NotStartedError
+from forge.exceptions import (
+    BrokerUnavailableError,
+    ConfigurationError,
+    ForgeError,
+    NotStartedError,
+)
 from forge.infrastructure.sqlite.audit_store import SqliteAuditStore
 from forge.infrastructure.sqlite.capsule_store import SqliteCapsuleStore
 from forge.infrastructure.sqlite.consumer import SqliteEventConsumer
@@ -31,6 +37,7 @@ from forge.infrastructure.sqlite.dead_letters import SqliteDeadLetterStore
 from forge.infrastructure.sqlite.event_log import SqliteEventLog
 from forge.infrastructure.sqlite.subject_keys import SqliteSubjectKeyStore
 from forge.logging import get_logger
+from forge.models.events import Event
 
 logger = get_logger(__name__)
 
@@ -57,6 +64,8 @@ class Runtime:
         self._extra_workers: dict[str, Callable[[], EventConsumer]] = {}
         self._consumer_factory: Callable[[str], EventConsumer] | None = None
         self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._broker: BrokerConnection | None = None
+        self._outbox: Any = None
 
     async def __aenter__(self) -> Runtime:
         await self.start()
@@ -136,20 +145,22 @@ class Runtime:
 
         settings = self.settings
         database = PostgresDatabase.from_settings(settings)
-        await database.open()
+        await _retry_while_unavailable(database.open, settings.postgres_startup_timeout_seconds)
         producer = KafkaEventProducer(settings=settings)
-        try:
-            await _retry_while_unavailable(
-                lambda: _start_producer(producer, settings, check_topics),
-                settings.kafka_startup_timeout_seconds,
-            )
-        except BaseException:
-            await database.close()
-            raise
+        # Capsule writes, queries and dead-letter commands need only PostgreSQL, so a broker
+        # that is down does not hold the process up: the producer connects in the background.
+        connection = BrokerConnection(
+            producer,
+            lambda: _start_producer(producer, settings, check_topics),
+            settings.kafka_startup_timeout_seconds,
+        )
+        await connection.start()
         outbox = PostgresOutbox(database)
 
-        self._closers.extend([producer.stop, database.close])
-        self._publisher = producer
+        self._broker = connection
+        self._outbox = outbox
+        self._closers.extend([connection.stop, database.close])
+        self._publisher = connection
         self._reader = KafkaEventLogReader(settings=settings)
         self._dead_letters = PostgresDeadLetterStore(database)
         self._audit_store = PostgresAuditStore(database)
@@ -157,12 +168,12 @@ class Runtime:
         self._protector = PersonalDataProtector(PostgresSubjectKeyStore(database))
         # Kafka topics cannot be read by key, so replay reads a resource's events from the
         # audit trail; events the recorder has not reached yet are not in the rebuild.
-        self._wire_services(producer, replay_source=self._audit_store)
+        self._wire_services(connection, replay_source=self._audit_store)
         self._consumer_factory = lambda group_id: KafkaEventConsumer(
             group_id, settings=settings, dead_letters=self.dead_letters
         )
         self._extra_workers["outbox-relay"] = lambda: _RelayWorker(
-            OutboxRelay(outbox, producer, RelaySettings.from_settings(settings))
+            OutboxRelay(outbox, connection, RelaySettings.from_settings(settings)), connection
         )
 
     def _wire_services(self, publisher: EventPublisher, replay_source: ResourceEventSource) -> None:
@@ -244,6 +255,16 @@ class Runtime:
         factory: Callable[[str], EventConsumer] = self._require(self._consumer_factory, "consumer")
         return factory(group_id)
 
+    async def health(self) -> dict[str, Any]:
+        """Return what a health check reports beyond the workers: broker and outbox state."""
+        details: dict[str, Any] = {}
+        if self._broker is not None:
+            details["broker_connected"] = self._broker.connected
+            details["broker_error"] = self._broker.last_error
+        if self._outbox is not None:
+            details["outbox_pending"] = await self._outbox.pending_count()
+        return details
+
     def worker_factories(self) -> dict[str, Callable[[], EventConsumer]]:
         """Return the consumers a server runs beside the API, by worker name."""
         workers: dict[str, Callable[[], EventConsumer]] = {
@@ -287,11 +308,113 @@ async def _retry_while_unavailable(
             delay = min(delay * 2, 10.0)
 
 
+class BrokerConnection:
+    """An `EventPublisher` whose Kafka producer connects in the background until it succeeds.
+
+    `start()` tries once; if the broker cannot be reached it keeps trying, with backoff and a
+    log line each time, without holding the caller up. Publishing waits for the connection at
+    most `publish_wait_seconds`, then raises `BrokerUnavailableError`.
+    """
+
+    def __init__(
+        self,
+        producer: Any,
+        connect: Callable[[], Awaitable[None]],
+        publish_wait_seconds: float = 10.0,
+    ) -> None:
+        self._producer = producer
+        self._connect = connect
+        self._publish_wait_seconds = publish_wait_seconds
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.last_error: str | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def producer(self) -> Any:
+        """The wrapped `KafkaEventProducer`, for raw writes once connected."""
+        return self._producer
+
+    async def start(self) -> None:
+        try:
+            await self._connect()
+        except ForgeError as error:
+            if not error.retriable:
+                raise
+            self.last_error = str(error)
+            logger.warning("kafka_unavailable_at_start", error=str(error))
+            self._task = asyncio.create_task(self._reconnect(), name="forge-kafka-connect")
+            return
+        self._ready.set()
+
+    async def _reconnect(self) -> None:
+        delay = 0.5
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._connect()
+            except ForgeError as error:
+                self.last_error = str(error)
+                delay = min(delay * 2, 10.0)
+                logger.warning("kafka_connect_retry", error=str(error), retry_in_seconds=delay)
+                continue
+            self.last_error = None
+            self._ready.set()
+            logger.info("kafka_connected")
+            return
+
+    async def wait_connected(self, stopping: asyncio.Event | None = None) -> bool:
+        """Wait until connected, or until `stopping` is set; return whether connected."""
+        if self._ready.is_set():
+            return True
+        waiters = {asyncio.ensure_future(self._ready.wait())}
+        if stopping is not None:
+            waiters.add(asyncio.ensure_future(stopping.wait()))
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        return self._ready.is_set()
+
+    async def _require(self) -> None:
+        if self._ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._ready.wait(), self._publish_wait_seconds)
+        except TimeoutError:
+            raise BrokerUnavailableError(
+                f"Not connected to the Kafka broker ({self.last_error}). Nothing was published; "
+                "retry once the broker is up."
+            ) from None
+
+    async def publish(self, event: Event[Any]) -> None:
+        await self._require()
+        await self._producer.publish(event)
+
+    async def publish_batch(self, events: Sequence[Event[Any]]) -> None:
+        await self._require()
+        await self._producer.publish_batch(events)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._producer.stop()
+
+
 class _RelayWorker:
     """Lets the server supervise an `OutboxRelay` like a consumer: start, run, stop."""
 
-    def __init__(self, relay: Any) -> None:
+    def __init__(self, relay: Any, connection: BrokerConnection) -> None:
         self._relay = relay
+        self._connection = connection
+        self._stopping = asyncio.Event()
 
     def register_handler(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("the outbox relay has no handlers")
@@ -300,9 +423,15 @@ class _RelayWorker:
         raise NotImplementedError("the outbox relay has no handlers")
 
     async def start(self, event_types: Sequence[Any] | None = None) -> None:
+        # Rows keep accumulating in the outbox while the broker is down; nothing is lost.
+        if not await self._connection.wait_connected(self._stopping):
+            return
         await self._relay.start()
 
     async def run(self) -> None:
+        if not self._connection.connected:
+            await self._stopping.wait()
+            return
         # Raises the error that stopped the relay, so that the supervisor sees it.
         await self._relay.wait()
 
@@ -310,7 +439,9 @@ class _RelayWorker:
         raise NotImplementedError("the outbox relay runs until stopped; it cannot drain")
 
     async def stop(self) -> None:
-        await self._relay.stop()
+        self._stopping.set()
+        if self._relay.is_running:
+            await self._relay.stop()
 
 
 async def start_publisher_from_settings() -> EventPublisher:

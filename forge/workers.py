@@ -43,7 +43,18 @@ class Worker:
         while not self._stopping.is_set():
             consumer = self._make_consumer()
             try:
-                await consumer.start()
+                # A start may wait for a broker that is down; stop() must not wait for it.
+                starting = asyncio.create_task(consumer.start())
+                stopping = asyncio.create_task(self._stopping.wait())
+                await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not starting.done():
+                    await consumer.stop()
+                    starting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await starting
+                    return
+                stopping.cancel()
+                starting.result()
                 self.running = True
                 self.last_error = None
                 run = asyncio.create_task(consumer.run())

@@ -240,12 +240,17 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
             worker.name: {"running": worker.running, "last_error": worker.last_error}
             for worker in request.app.state.workers
         }
+        details = await runtime.health()
         healthy = all(worker.last_error is None for worker in request.app.state.workers)
+        # While the broker is down, changes are still accepted into the outbox; the health
+        # check says so, with the number of events waiting, instead of looking fine.
+        healthy = healthy and details.get("broker_connected", True)
         body = {
             "status": "ok" if healthy else "degraded",
             "event_backend": runtime.settings.event_backend.value,
             "store_backend": runtime.settings.effective_store_backend.value,
             "audit_events": await runtime.audit_store.count(),
+            **details,
             "workers": workers,
         }
         return JSONResponse(status_code=200 if healthy else 503, content=body)

@@ -49,14 +49,16 @@ async def test_bad_records_parked_with_reason(backend: Any) -> None:
     accepted_before = [_vote(resource_id) for _ in range(3)]
     await backend.publisher.publish_batch(accepted_before)
 
-    positions: list[tuple[str, int]] = []
+    # Kafka numbers offsets per partition, and the key picks the partition: a record is
+    # found by topic, key and offset on every backend.
+    positions: list[tuple[str, str | None, int]] = []
     valid_between: list[Event[Any]] = []
     for entry in CORPUS:
         value = _materialize(entry, backend.settings.max_event_bytes)
         offset = await backend.append_raw(
             entry["topic"], value, key=entry["key"], headers=entry["headers"]
         )
-        positions.append((entry["topic"], offset))
+        positions.append((entry["topic"], entry["key"], offset))
         good = _vote(resource_id)
         await backend.publisher.publish(good)
         valid_between.append(good)
@@ -79,7 +81,7 @@ async def test_bad_records_parked_with_reason(backend: Any) -> None:
     assert handled == expected
 
     letters = await backend.dead_letters.list(group_id="corpus-checker", limit=1000)
-    by_position = {(letter.topic, letter.offset): letter for letter in letters}
+    by_position = {(letter.topic, letter.key, letter.offset): letter for letter in letters}
     assert len(letters) == len(CORPUS)
     for entry, position in zip(CORPUS, positions, strict=True):
         letter = by_position[position]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from uuid import uuid4
 
 import pytest
 
@@ -18,8 +19,13 @@ def is_poison(event: Event[Any]) -> bool:
 
 
 async def publish_around_poison(backend: Any) -> list[Event[Any]]:
-    """Publish a good event, a poison one and another good one; return them in that order."""
-    events = [capsule_created(), capsule_created(title="poison"), capsule_created()]
+    """Publish a good event, a poison one and another good one; return them in that order.
+
+    They share one key, so that every backend keeps their order: Kafka orders events per key
+    (partition), not between keys.
+    """
+    key = uuid4()
+    events = [capsule_created(key), capsule_created(key, title="poison"), capsule_created(key)]
     for event in events:
         await backend.publisher.publish(event)
     return events
@@ -264,9 +270,10 @@ async def test_letter_keeps_original_record(backend: Any) -> None:
 
 
 async def test_batch_failure_parks_only_poison(backend: Any) -> None:
-    events = [capsule_created() for _ in range(2)]
-    events.append(capsule_created(title="poison"))
-    events.extend(capsule_created() for _ in range(2))
+    key = uuid4()  # one key, so that every backend keeps the events' order
+    events = [capsule_created(key) for _ in range(2)]
+    events.append(capsule_created(key, title="poison"))
+    events.extend(capsule_created(key) for _ in range(2))
     await backend.publisher.publish_batch(events)
     projected = BatchRecorder()
 

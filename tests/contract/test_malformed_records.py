@@ -140,7 +140,8 @@ async def test_malformed_record_parked(backend: Any, malformed: Malformed) -> No
 async def test_malformed_record_blocks_nothing(backend: Any, malformed: Malformed) -> None:
     recorder = await consume_around(backend, malformed)
 
-    assert [event.type for event in recorder.events] == [
+    # Two topics, whose relative order only the embedded log keeps (README, "Limits").
+    assert sorted(event.type for event in recorder.events) == [
         EventType.CAPSULE_CREATED,
         EventType.VOTE_CAST,
     ]
@@ -194,15 +195,17 @@ async def test_oversized_batch_event_named(backend: Any) -> None:
     with pytest.raises(BatchPublishError) as caught:
         await backend.publisher.publish_batch([first, oversized, last])
 
+    # The embedded log writes no event of such a batch, Kafka writes the valid ones (README,
+    # "At scale"); tests/sqlite checks that nothing is written.
     assert isinstance(caught.value.failed[oversized.id], EventTooLargeError)
-    assert caught.value.acknowledged == 0
+    assert caught.value.acknowledged == 3 - len(caught.value.failed)
     assert caught.value.retriable is False
-    assert str(caught.value).startswith("1 of 3 events are invalid, so none was written.")
+    assert str(caught.value).startswith("1 of 3 events ")
 
 
-async def test_invalid_batch_writes_nothing(backend: Any) -> None:
+async def test_batch_failure_lists_unwritten_events(backend: Any) -> None:
     batch = [capsule_created(), capsule_created(content="x" * MAX_EVENT_BYTES), capsule_created()]
-    with pytest.raises(BatchPublishError):
+    with pytest.raises(BatchPublishError) as caught:
         await backend.publisher.publish_batch(batch)
     consumer = backend.make_consumer("projector")
     recorder = Recorder()
@@ -211,16 +214,12 @@ async def test_invalid_batch_writes_nothing(backend: Any) -> None:
     await consumer.start()
     await consumer.drain()
 
-    assert recorder.events == []
-
-
-async def test_batch_failure_lists_unwritten_events(backend: Any) -> None:
-    batch = [capsule_created(), capsule_created(content="x" * MAX_EVENT_BYTES), capsule_created()]
-
-    with pytest.raises(BatchPublishError) as caught:
-        await backend.publisher.publish_batch(batch)
-
-    assert set(caught.value.failed) == {event.id for event in batch}
+    # Whether a backend writes the valid events of the batch or none, `failed` names exactly
+    # the events that were not written.
+    written = set(recorder.ids)
+    assert set(caught.value.failed) == {event.id for event in batch} - written
+    assert batch[1].id in caught.value.failed
+    assert caught.value.acknowledged == len(written)
 
 
 async def test_batch_resent_without_invalid_event(backend: Any) -> None:
@@ -229,9 +228,12 @@ async def test_batch_resent_without_invalid_event(backend: Any) -> None:
         capsule_created(content="x" * MAX_EVENT_BYTES),
         capsule_created(),
     )
-    with pytest.raises(BatchPublishError):
+    with pytest.raises(BatchPublishError) as caught:
         await backend.publisher.publish_batch([first, oversized, last])
-    await backend.publisher.publish_batch([first, last])
+    # Sent again: exactly the events named as not written, without the invalid one.
+    await backend.publisher.publish_batch(
+        [event for event in (first, last) if event.id in caught.value.failed]
+    )
     consumer = backend.make_consumer("projector")
     recorder = Recorder()
     consumer.register_handler(EventType.CAPSULE_CREATED, recorder)
@@ -239,4 +241,5 @@ async def test_batch_resent_without_invalid_event(backend: Any) -> None:
     await consumer.start()
     await consumer.drain()
 
-    assert recorder.ids == [first.id, last.id]
+    # Two capsules, two keys: compared without order, which only the embedded log keeps.
+    assert sorted(recorder.ids) == sorted([first.id, last.id])

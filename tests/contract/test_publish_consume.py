@@ -159,7 +159,8 @@ async def test_groups_have_independent_positions(backend: Any) -> None:
     await audit_consumer.drain()
     await search_consumer.drain()
 
-    assert audit.ids == [first.id, second.id]
+    # Two capsules, two keys: only the embedded log orders them (README, "Limits").
+    assert sorted(audit.ids) == sorted([first.id, second.id])
     assert search.ids == [first.id, second.id]
 
 
@@ -182,7 +183,8 @@ async def test_restarted_consumer_resumes_after_commit(backend: Any) -> None:
     await second_run.start()
     await second_run.drain()
 
-    assert recorder.ids == [event.id for event in published_later]
+    # Each event is a capsule of its own, and so a key of its own: compared without order.
+    assert sorted(recorder.ids) == sorted(event.id for event in published_later)
 
 
 async def test_stop_during_retry_redelivers_event(backend: Any) -> None:
@@ -280,7 +282,13 @@ async def test_batch_handler_gets_events_in_order(backend: Any) -> None:
     await consumer.start()
     await consumer.drain()
 
-    assert recorder.ids == [event.id for event in published]
+    # Events of one resource are ordered; only the embedded log orders the two capsules'
+    # events between them (README, "Limits"; tests/sqlite checks that global order).
+    handled = [event for batch in recorder.batches for event in batch]
+    assert sorted(map(str, recorder.ids)) == sorted(str(event.id) for event in published)
+    for key in {event.resource_id for event in published}:
+        expected = [event.id for event in published if event.resource_id == key]
+        assert [event.id for event in handled if event.resource_id == key] == expected
 
 
 async def test_consumer_without_types_rejected(backend: Any) -> None:
@@ -289,9 +297,11 @@ async def test_consumer_without_types_rejected(backend: Any) -> None:
     with pytest.raises(ValueError) as caught:
         await consumer.start()
 
+    # The backend may run the test's group "idle" under a longer, unique group id.
+    assert consumer.group_id.endswith("idle")
     assert str(caught.value) == (
-        "Consumer group 'idle' has no event types to consume; register a handler or pass "
-        "event_types to start()."
+        f"Consumer group {consumer.group_id!r} has no event types to consume; register a "
+        "handler or pass event_types to start()."
     )
 
 

@@ -13,12 +13,27 @@ from uuid import uuid4
 
 import pytest
 
-from forge.exceptions import ConsumerGroupError, PublishError, StorageFullError
+from forge.exceptions import (
+    BatchPublishError,
+    ConsumerGroupError,
+    EventTooLargeError,
+    PublishError,
+    StorageFullError,
+)
 from forge.infrastructure.sqlite import capsule_store as capsule_store_module
 from forge.infrastructure.sqlite import event_log as event_log_module
 from forge.models.capsule import CapsuleCreate, CapsuleUpdate
-from forge.models.events import EventType
-from tests.helpers import WAIT_TIMEOUT_SECONDS, Recorder, capsule_created, vote_cast, wait_until
+from forge.models.events import CapsuleDeletedEvent, EventType
+from tests.helpers import (
+    MAX_EVENT_BYTES,
+    WAIT_TIMEOUT_SECONDS,
+    BatchRecorder,
+    Recorder,
+    capsule_created,
+    capsule_updated,
+    vote_cast,
+    wait_until,
+)
 
 pytestmark = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 
@@ -142,7 +157,47 @@ async def test_position_committed_per_topic(backend: Any) -> None:
     assert dict(rows) == {"forge.vote.cast": 2, "forge.capsule.created": 1}
 
 
+async def test_batch_handler_gets_global_append_order(backend: Any) -> None:
+    # Kafka orders events per key only; the embedded log keeps the order of every append.
+    first, second = uuid4(), uuid4()
+    published = [capsule_created(first), capsule_created(second)]
+    published += [capsule_updated(key, 1, "title v2") for key in (first, second)]
+    published += [CapsuleDeletedEvent.create(key, uuid4(), version="2") for key in (first, second)]
+    await backend.publisher.publish_batch(published)
+    consumer = backend.make_consumer("projector")
+    recorder = BatchRecorder()
+    consumer.register_batch_handler(
+        [EventType.CAPSULE_CREATED, EventType.CAPSULE_UPDATED, EventType.CAPSULE_DELETED],
+        recorder,
+        name="projector",
+    )
+
+    await consumer.start()
+    await consumer.drain()
+
+    assert recorder.ids == [event.id for event in published]
+
+
 # Atomic writes -----------------------------------------------------------------------------------
+
+
+async def test_invalid_batch_writes_nothing(backend: Any) -> None:
+    # Kafka writes the valid events of such a batch and names only the invalid one as failed.
+    batch = [capsule_created(), capsule_created(content="x" * MAX_EVENT_BYTES), capsule_created()]
+    with pytest.raises(BatchPublishError) as caught:
+        await backend.publisher.publish_batch(batch)
+    consumer = backend.make_consumer("projector")
+    recorder = Recorder()
+    consumer.register_handler(EventType.CAPSULE_CREATED, recorder)
+
+    await consumer.start()
+    await consumer.drain()
+
+    assert recorder.events == []
+    assert set(caught.value.failed) == {event.id for event in batch}
+    assert isinstance(caught.value.failed[batch[1].id], EventTooLargeError)
+    assert caught.value.acknowledged == 0
+    assert str(caught.value).startswith("1 of 3 events are invalid, so none was written.")
 
 
 async def test_failed_append_writes_no_event(backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:

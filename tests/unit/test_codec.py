@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from forge.core.audit.store import to_microseconds
 from forge.core.events.codec import decode_event, encode_event, event_headers
 from forge.exceptions import EventTooLargeError, EventValidationError
 from forge.models.events import VoteCastEvent
@@ -24,6 +25,7 @@ def test_encode_gives_topic_key_headers() -> None:
         "event_id": str(event.id),
         "event_type": "vote.cast",
         "schema_version": "1",
+        "event_time_us": str(to_microseconds(event.timestamp)),
     }
 
 

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from forge.core.audit.store import to_microseconds
 from forge.exceptions import EventTooLargeError, EventValidationError, FieldProblem
 from forge.models.events import Event, parse_event
 
@@ -17,6 +18,8 @@ HEADER_EVENT_ID = "event_id"
 HEADER_EVENT_TYPE = "event_type"
 HEADER_SCHEMA_VERSION = "schema_version"
 HEADER_CORRELATION_ID = "correlation_id"
+HEADER_EVENT_TIME = "event_time_us"
+"""Event timestamp in microseconds since the epoch, for ordering records of several topics."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,7 @@ def event_headers(event: Event[Any]) -> dict[str, str]:
         HEADER_EVENT_ID: str(event.id),
         HEADER_EVENT_TYPE: event.type.value,
         HEADER_SCHEMA_VERSION: str(event.schema_version),
+        HEADER_EVENT_TIME: str(to_microseconds(event.timestamp)),
     }
     if event.correlation_id is not None:
         headers[HEADER_CORRELATION_ID] = str(event.correlation_id)

@@ -29,6 +29,7 @@ until the broker responds or `stop()` is called. Callers that need the broker at
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -44,6 +45,7 @@ from aiokafka.errors import (
 )
 
 from forge.config import ForgeSettings
+from forge.core.events.codec import HEADER_EVENT_TIME
 from forge.core.events.dead_letters import DeadLetter, DeadLetterStore
 from forge.core.events.dispatch import Dispatcher, HandlerRegistry, RetryPolicy
 from forge.core.events.ports import BatchEventHandler, EventHandler, LogRecord
@@ -321,12 +323,17 @@ class KafkaEventConsumer:
         if not batches:
             return worked
 
-        records: list[LogRecord] = []
         raw_records: dict[tuple[str, int, int], Any] = {}
+        per_partition: list[list[LogRecord]] = []
         for tp in sorted(batches):
+            per_partition.append([to_log_record(message) for message in batches[tp]])
             for message in batches[tp]:
-                records.append(to_log_record(message))
                 raw_records[(message.topic, message.partition, message.offset)] = message
+        # Each event type has its own topic, so Kafka orders one resource's events only within
+        # a type. Merging the fetched partitions by event time keeps each partition's order and
+        # hands over a resource's created, updated and deleted events in the order they
+        # happened, as far as they arrive in the same fetch.
+        records = list(heapq.merge(*per_partition, key=_event_time))
         logger.debug("records_fetched", group_id=self._group_id, records=len(records))
         await self._handle_keeping_membership(consumer, records, raw_records)
         return True
@@ -801,6 +808,16 @@ class KafkaEventConsumer:
             await asyncio.wait_for(self._stopping.wait(), seconds)
         except TimeoutError:
             pass
+
+
+def _event_time(record: LogRecord) -> int:
+    """Return the record's event time in microseconds: from its header, else Kafka's timestamp."""
+    header = record.headers.get(HEADER_EVENT_TIME)
+    if header is not None and header.isdigit():
+        return int(header)
+    if record.timestamp is not None:
+        return int(record.timestamp.timestamp() * 1_000_000)
+    return 0
 
 
 def _position(letter: DeadLetter) -> tuple[str, int, int]:

@@ -47,8 +47,11 @@ from forge.models.events import Event
 
 logger = get_logger(__name__)
 
-LINGER_MS = 5
-"""Wait before sending a partly filled batch: concurrent sends share one request."""
+LINGER_MS = 0
+"""Wait before sending a partly filled batch. 0 sends at once: sends issued together still
+share a request because aiokafka batches what is queued while a request is in flight. In
+benchmarks/run (2 cores, loopback broker, 5,000 events/s) 5 ms raised the p50 latency from
+about 5 to 13 ms with no gain in throughput."""
 
 MAX_BATCH_BYTES = 256 * 1024
 """Buffer per partition; aiokafka's default of 16 KiB caps throughput with 1 KiB events."""
@@ -179,12 +182,20 @@ class KafkaEventProducer:
         """Return once the broker acknowledged the event.
 
         Raises:
-            BatchPublishError: the event is invalid (for example over `max_event_bytes`) or the
-                broker did not acknowledge it; `failed` maps its id to the cause. It is a
-                `PublishError`, retriable when the cause is.
+            EventValidationError: the event is invalid, for example `EventTooLargeError` when
+                it is over `max_event_bytes`; retrying cannot help. Nothing was sent.
+            BatchPublishError: the broker did not acknowledge the event; `failed` maps its id
+                to the cause. It is a `PublishError`, retriable when the cause is.
             NotStartedError: `start()` was not called, or `stop()` was.
         """
-        await self.publish_batch([event])
+        try:
+            await self.publish_batch([event])
+        except BatchPublishError as error:
+            # As the embedded log does: an invalid event is reported as itself.
+            invalid = error.failed.get(event.id)
+            if isinstance(invalid, EventValidationError):
+                raise invalid from error
+            raise
 
     async def publish_batch(self, events: Sequence[Event[Any]]) -> None:
         """Send all events concurrently and return once the broker acknowledged each of them.

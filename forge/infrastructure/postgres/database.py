@@ -194,9 +194,14 @@ class PostgresDatabase:
         self.schema_version = 0
 
     @classmethod
-    def from_settings(cls, settings: ForgeSettings, *, schema: str = "public") -> PostgresDatabase:
-        """Build a database from `FORGE_POSTGRES_DSN`; call `open()` before use."""
-        return cls(settings.postgres_dsn, schema=schema)
+    def from_settings(
+        cls, settings: ForgeSettings, *, schema: str | None = None
+    ) -> PostgresDatabase:
+        """Build a database from `FORGE_POSTGRES_DSN` and `FORGE_POSTGRES_SCHEMA`, or `schema`.
+
+        Call `open()` before use.
+        """
+        return cls(settings.postgres_dsn, schema=schema or settings.postgres_schema)
 
     def __repr__(self) -> str:
         return f"PostgresDatabase({self.dsn!r}, schema={self.schema!r})"
