@@ -208,8 +208,9 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
         listed = "; ".join(f"{p['field']}={p['value']}: {p['problem']}" for p in problems)
         body = ErrorBody(
             error="InvalidRequest",
-            message=f"Invalid request: {listed}. Send a JSON body (content-type: "
-            "application/json) with the fields of the API schema at /openapi.json.",
+            message=f"Invalid request: {listed}. Fix these fields (body fields as JSON with "
+            "content-type: application/json, headers such as X-Actor-Id as UUIDs); the API "
+            "schema is at /openapi.json.",
             problems=problems,
         )
         return JSONResponse(status_code=422, content=body.model_dump())

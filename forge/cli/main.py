@@ -7,6 +7,8 @@ and JSON lines with `--json` for scripts.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import json
 import signal
 import sys
@@ -147,16 +149,16 @@ def _invoked_command() -> str | None:
 def main_options(
     data_dir: Annotated[
         Path | None,
-        typer.Option(help="Folder of the embedded SQLite file [env: FORGE_DATA_DIR]."),
+        typer.Option(help="Folder of the embedded SQLite file (env FORGE_DATA_DIR)"),
     ] = None,
     log_level: Annotated[
-        str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR [env: FORGE_LOG_LEVEL].")
+        str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR (env FORGE_LOG_LEVEL)")
     ] = None,
     event_backend: Annotated[
         EventBackend | None,
         typer.Option(
             help="sqlite (embedded, one file) or kafka (with PostgreSQL stores) "
-            "[env: FORGE_EVENT_BACKEND]."
+            "(env FORGE_EVENT_BACKEND)"
         ),
     ] = None,
 ) -> None:
@@ -177,10 +179,10 @@ def main_options(
 @app.command()
 def serve(
     host: Annotated[
-        str | None, typer.Option(help="Address to listen on [env: FORGE_API_HOST].")
+        str | None, typer.Option(help="Address to listen on (env FORGE_API_HOST)")
     ] = None,
     port: Annotated[
-        int | None, typer.Option(min=0, max=65535, help="TCP port [env: FORGE_API_PORT].")
+        int | None, typer.Option(min=0, max=65535, help="TCP port (env FORGE_API_PORT)")
     ] = None,
     workers: Annotated[
         bool, typer.Option("--workers/--no-workers", help="Run the audit recorder in this process.")
@@ -195,7 +197,11 @@ def serve(
     application = create_app(settings, run_workers=workers)
     error_console.print(
         f"Forge serving on http://{host or settings.api_host}:{port or settings.api_port} "
-        f"with data in {settings.data_dir}",
+        + (
+            f"with data in {settings.sqlite_path}"
+            if settings.event_backend is EventBackend.SQLITE
+            else f"on Kafka at {settings.kafka_bootstrap_servers} with PostgreSQL stores"
+        ),
         highlight=False,
     )
     uvicorn.run(
@@ -359,13 +365,20 @@ def events_tail(
     """Print events of the log, oldest first; with --follow, new ones as they come."""
     event_types = _parse_types(types)
 
+    counter = itertools.count()
+
     async def tail(runtime: Runtime) -> None:
-        recent: list[LogRecord] = []
+        # Kafka reads partitions one after another, so "last" means latest by time: keep the
+        # `limit` newest records in a heap, then print them oldest first.
+        newest: list[tuple[float, int, LogRecord]] = []
         async for record in runtime.reader.read(event_types, from_beginning=True, follow=False):
-            recent.append(record)
-            if len(recent) > limit:
-                recent.pop(0)
-        for record in recent:
+            moment = record.timestamp.timestamp() if record.timestamp else 0.0
+            entry = (moment, next(counter), record)
+            if len(newest) < limit:
+                heapq.heappush(newest, entry)
+            else:
+                heapq.heappushpop(newest, entry)
+        for _, _, record in sorted(newest):
             _print_record(record, as_json)
         if follow:
             async for record in runtime.reader.read(event_types, from_beginning=False, follow=True):
@@ -380,7 +393,7 @@ def _print_record(record: LogRecord, as_json: bool) -> None:
         _print_json(summary)
         return
     value = summary["value"]
-    where = f"{summary['timestamp']}  {record.topic}:{record.offset}"
+    where = f"{summary['timestamp']}  {record.topic}[{record.partition}]:{record.offset}"
     if isinstance(value, dict):
         actor = value.get("actor_id") or "-"
         resource = value.get("resource_id") or "-"
@@ -388,6 +401,15 @@ def _print_record(record: LogRecord, as_json: bool) -> None:
     else:
         line = f"{where}  (not an event: {str(value)[:60]!r})"
     console.print(line, highlight=False, soft_wrap=True)
+
+
+def _plain(value: Any) -> str:
+    """Format a field value for people: ISO times, plain strings, None as "-"."""
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
 
 
 def _describe(event: Event[Any]) -> str:
@@ -505,6 +527,7 @@ def replay_capsule(
 ) -> None:
     """Rebuild a capsule from its events and compare it with the stored one."""
     moment = _parse_time(at, "--at")
+    runtime_backend = _settings().event_backend
     result = _run(lambda runtime: runtime.replayer.replay(capsule_id, at=moment))
     if as_json:
         _print_json(
@@ -530,12 +553,18 @@ def replay_capsule(
         console.print(f"{result.events_applied} events applied.")
         for difference in result.differences:
             console.print(
-                f"[red]differs[/red] {difference.field}: rebuilt={difference.rebuilt!r} "
-                f"stored={difference.stored!r}",
+                f"[red]differs[/red] {difference.field}: rebuilt={_plain(difference.rebuilt)} "
+                f"stored={_plain(difference.stored)}",
                 highlight=False,
             )
         for problem in result.problems:
             console.print(f"[yellow]problem[/yellow] {problem}", highlight=False)
+        if result.differences and runtime_backend is EventBackend.KAFKA:
+            console.print(
+                "On Kafka, replay reads the audit trail: if the audit recorder or the outbox "
+                "relay is behind, run the replay again once they caught up (see /health).",
+                highlight=False,
+            )
         if at is None and result.matches:
             console.print("[green]Rebuilt state equals the stored capsule.[/green]")
     if at is None and not result.matches:
@@ -616,11 +645,12 @@ def dlq_retry(
         return count, not_parked
 
     count, not_parked = _run(request)
-    console.print(
-        f"{count} dead letter(s) queued for retry; the running consumer of each group delivers "
-        "them again within a few seconds (see `forge dlq list`).",
-        highlight=False,
-    )
+    if count:
+        console.print(
+            f"{count} dead letter(s) queued for retry; the running consumer of each group "
+            "delivers them again within a few seconds (see `forge dlq list`).",
+            highlight=False,
+        )
     if not_parked:
         listed = ", ".join(str(letter_id) for letter_id in not_parked)
         error_console.print(
@@ -638,11 +668,11 @@ def dlq_retry(
 def kafka_topics_ensure(
     partitions: Annotated[
         int | None,
-        typer.Option(min=1, help="Partitions per topic [env: FORGE_KAFKA_TOPIC_PARTITIONS]."),
+        typer.Option(min=1, help="Partitions per topic (env FORGE_KAFKA_TOPIC_PARTITIONS)"),
     ] = None,
     replication_factor: Annotated[
         int | None,
-        typer.Option(min=1, help="Replicas per partition [env: FORGE_KAFKA_REPLICATION_FACTOR]."),
+        typer.Option(min=1, help="Replicas per partition (env FORGE_KAFKA_REPLICATION_FACTOR)"),
     ] = None,
 ) -> None:
     """Create every event topic and the dead-letter topic that does not exist yet."""

@@ -7,6 +7,8 @@ good, or announce a change that was never stored.
 
 from __future__ import annotations
 
+import asyncio
+import random
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -27,7 +29,7 @@ from forge.models.events import CapsuleCreatedEvent, CapsuleDeletedEvent, Capsul
 
 logger = get_logger(__name__)
 
-_CONCURRENT_UPDATE_ATTEMPTS = 5
+_CONCURRENT_UPDATE_ATTEMPTS = 20
 
 
 class CapsuleService:
@@ -94,7 +96,16 @@ class CapsuleService:
             try:
                 return await self._update_once(capsule_id, data, actor_id)
             except ConflictError:
-                logger.info("capsule_update_retried", capsule_id=str(capsule_id), attempt=attempt)
+                # A random pause spreads writers that collided, so that they do not collide
+                # again on the next version.
+                delay = random.uniform(0, 0.01 * attempt)
+                logger.info(
+                    "capsule_update_retried",
+                    capsule_id=str(capsule_id),
+                    attempt=attempt,
+                    retry_in_seconds=round(delay, 4),
+                )
+                await asyncio.sleep(delay)
         return await self._update_once(capsule_id, data, actor_id)
 
     async def _update_once(self, capsule_id: UUID, data: CapsuleUpdate, actor_id: UUID) -> Capsule:
