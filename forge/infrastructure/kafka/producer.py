@@ -23,6 +23,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import DefaultPartitioner
 
 from forge.config import ForgeSettings
 from forge.core.events.codec import EncodedEvent, encode_event
@@ -58,6 +59,12 @@ MAX_BATCH_BYTES = 256 * 1024
 
 REQUEST_TIMEOUT_MS = 30_000
 """Maximum wait for an acknowledgement. A publish while the broker is down fails after it."""
+
+_PARTITIONER = DefaultPartitioner()
+"""Kafka's default key partitioner (murmur2), as `AIOKafkaProducer.send` uses it."""
+
+_PARTITION_CACHE_SIZE = 100_000
+"""Keys whose partition is remembered; murmur2 is pure Python in aiokafka 0.14."""
 
 _RECORD_OVERHEAD_BYTES = 64 * 1024
 """Room for key, headers and batch framing above `max_event_bytes` in one request."""
@@ -110,6 +117,7 @@ class KafkaEventProducer:
         self._max_event_bytes = self._settings.max_event_bytes
         self._producer: AIOKafkaProducer | None = None
         self._start_lock = asyncio.Lock()
+        self._partition_cache: dict[tuple[str, int, bytes], int] = {}
 
     @property
     def bootstrap_servers(self) -> str:
@@ -297,47 +305,87 @@ class KafkaEventProducer:
     async def _send_all(
         self, producer: AIOKafkaProducer, outgoing: Sequence[_Outgoing]
     ) -> dict[Any, BaseException]:
-        """Send every record, then await all acknowledgements together."""
-        # send() only appends to the partition's buffer. Awaiting each future right after its
-        # send would wait a round trip per event instead of one per batch.
-        pending: list[tuple[_Outgoing, asyncio.Future[Any]]] = []
+        """Send every record in per-partition batches, then await all acknowledgements together.
+
+        Records are grouped by the partition the default partitioner picks for their key (the
+        same murmur2 choice `send()` makes), in their original order, and handed to aiokafka
+        as ready-made batches: `send()` per record cost about 19 µs of Python each.
+        """
         failed: dict[Any, BaseException] = {}
+        by_partition: dict[tuple[str, int], list[tuple[_Outgoing, bytes | None]]] = {}
         for item in outgoing:
+            key = item.key.encode("utf-8") if item.key is not None else None
             try:
-                future = await producer.send(
-                    item.topic,
-                    value=item.value,
-                    key=item.key.encode("utf-8") if item.key is not None else None,
-                    headers=to_kafka_headers(item.headers),
-                )
+                partition = await self._partition_for(producer, item.topic, key)
             except KafkaError as error:
                 failed[item.report_id] = _publish_error(
                     f"Event {item.report_id} was not sent to {item.topic}", error
                 )
                 continue
-            pending.append((item, future))
+            by_partition.setdefault((item.topic, partition), []).append((item, key))
+
+        pending: list[tuple[list[_Outgoing], asyncio.Future[Any]]] = []
+        for (topic, partition), items in by_partition.items():
+            batch = producer.create_batch()
+            members: list[_Outgoing] = []
+            for item, key in items:
+                headers = to_kafka_headers(item.headers)
+                if batch.append(key=key, value=item.value, timestamp=None, headers=headers) is None:
+                    # The batch is full: send it and start the next one with this record.
+                    pending.append(
+                        (members, await self._send_batch(producer, batch, topic, partition))
+                    )
+                    batch = producer.create_batch()
+                    members = []
+                    batch.append(key=key, value=item.value, timestamp=None, headers=headers)
+                members.append(item)
+            if members:
+                pending.append((members, await self._send_batch(producer, batch, topic, partition)))
 
         results = await asyncio.gather(*(future for _, future in pending), return_exceptions=True)
-        for (item, _), result in zip(pending, results, strict=True):
-            if isinstance(result, BaseException):
-                failed[item.report_id] = _publish_error(
-                    f"Event {item.report_id} was not acknowledged by {item.topic}", result
-                )
-                logger.error(
-                    "event_publish_failed",
-                    event_id=str(item.report_id),
-                    topic=item.topic,
-                    error=describe(result),
-                )
-            else:
-                logger.debug(
-                    "event_published",
-                    event_id=str(item.report_id),
-                    topic=item.topic,
-                    partition=result.partition,
-                    offset=result.offset,
-                )
+        for (members, _), result in zip(pending, results, strict=True):
+            for item in members:
+                if isinstance(result, BaseException):
+                    failed[item.report_id] = _publish_error(
+                        f"Event {item.report_id} was not acknowledged by {item.topic}", result
+                    )
+                    logger.error(
+                        "event_publish_failed",
+                        event_id=str(item.report_id),
+                        topic=item.topic,
+                        error=describe(result),
+                    )
         return failed
+
+    async def _partition_for(
+        self, producer: AIOKafkaProducer, topic: str, key: bytes | None
+    ) -> int:
+        partitions = sorted(await producer.partitions_for(topic))
+        if key is not None:
+            cache_key = (topic, len(partitions), key)
+            cached = self._partition_cache.get(cache_key)
+            if cached is not None:
+                return cached
+        partition = int(_PARTITIONER(key, partitions, partitions))
+        if key is not None:
+            if len(self._partition_cache) > _PARTITION_CACHE_SIZE:
+                self._partition_cache.clear()
+            self._partition_cache[cache_key] = partition
+        return partition
+
+    @staticmethod
+    async def _send_batch(
+        producer: AIOKafkaProducer, batch: Any, topic: str, partition: int
+    ) -> asyncio.Future[Any]:
+        try:
+            future: asyncio.Future[Any] = await producer.send_batch(
+                batch, topic, partition=partition
+            )
+        except KafkaError as error:
+            # Report the failure through the future, like a failed acknowledgement.
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(error)
+        return future
 
 
 def _outgoing(encoded: EncodedEvent) -> _Outgoing:
