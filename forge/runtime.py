@@ -167,7 +167,7 @@ class Runtime:
         self._capsule_store = PostgresCapsuleStore(database, outbox)
         self._protector = PersonalDataProtector(PostgresSubjectKeyStore(database))
         # Kafka topics cannot be read by key, so replay reads a resource's events from the
-        # audit trail; events the recorder has not reached yet are not in the rebuild.
+        # audit trail. Events the recorder has not reached yet are not in the rebuild.
         self._wire_services(connection, replay_source=self._audit_store)
         self._consumer_factory = lambda group_id: KafkaEventConsumer(
             group_id, settings=settings, dead_letters=self.dead_letters
@@ -423,7 +423,8 @@ class _RelayWorker:
         raise NotImplementedError("the outbox relay has no handlers")
 
     async def start(self, event_types: Sequence[Any] | None = None) -> None:
-        # Rows keep accumulating in the outbox while the broker is down; nothing is lost.
+        # While the broker is down, capsule writes keep adding rows to the outbox, and the
+        # relay publishes them once it has started.
         if not await self._connection.wait_connected(self._stopping):
             return
         await self._relay.start()
@@ -432,7 +433,7 @@ class _RelayWorker:
         if not self._connection.connected:
             await self._stopping.wait()
             return
-        # Raises the error that stopped the relay, so that the supervisor sees it.
+        # Raises the error that stopped the relay, so that the supervisor logs and restarts it.
         await self._relay.wait()
 
     async def drain(self, timeout: float = 30.0) -> int:

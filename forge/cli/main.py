@@ -23,6 +23,7 @@ import orjson
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from forge.config import EventBackend, ForgeSettings
@@ -88,7 +89,7 @@ def _run(work: Callable[[Runtime], Awaitable[T]]) -> T:
     try:
         return asyncio.run(main())
     except ForgeError as error:
-        error_console.print(f"[red]Error:[/red] {error}", highlight=False)
+        error_console.print(f"[red]Error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(1) from error
     except KeyboardInterrupt as error:
         raise typer.Exit(130) from error
@@ -400,7 +401,7 @@ def _print_record(record: LogRecord, as_json: bool) -> None:
         line = f"{where}  actor={actor}  resource={resource}"
     else:
         line = f"{where}  (not an event: {str(value)[:60]!r})"
-    console.print(line, highlight=False, soft_wrap=True)
+    console.print(escape(line), highlight=False, soft_wrap=True)
 
 
 def _plain(value: Any) -> str:
@@ -506,7 +507,7 @@ def audit_query(
             event.type.value,
             str(event.actor_id or "-"),
             str(event.resource_id or "-"),
-            _describe(event),
+            escape(_describe(event)),
             end_section=False,
         )
     console.print(table)
@@ -558,7 +559,7 @@ def replay_capsule(
                 highlight=False,
             )
         for problem in result.problems:
-            console.print(f"[yellow]problem[/yellow] {problem}", highlight=False)
+            console.print(f"[yellow]problem[/yellow] {escape(problem)}", highlight=False)
         if result.differences and runtime_backend is EventBackend.KAFKA:
             console.print(
                 "On Kafka, replay reads the audit trail: if the audit recorder or the outbox "
@@ -616,7 +617,7 @@ def dlq_list(
             letter.handler,
             str(letter.attempts),
             letter.status.value,
-            letter.reason[:100],
+            escape(letter.reason[:100]),
         )
     console.print(table)
 
@@ -687,7 +688,7 @@ def kafka_topics_ensure(
     try:
         report = asyncio.run(ensure_topics(settings))
     except ForgeError as error:
-        error_console.print(f"[red]Error:[/red] {error}", highlight=False)
+        error_console.print(f"[red]Error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(1) from error
     console.print(
         f"{len(report.created)} topic(s) created, {len(report.existing)} already present "
@@ -711,7 +712,7 @@ def kafka_topics_check() -> None:
     try:
         asyncio.run(check_topics(settings))
     except ForgeError as error:
-        error_console.print(f"[red]Error:[/red] {error}", highlight=False)
+        error_console.print(f"[red]Error:[/red] {escape(str(error))}", highlight=False)
         raise typer.Exit(1) from error
     console.print(f"Every Forge topic exists on {settings.kafka_bootstrap_servers}.")
 
@@ -721,11 +722,11 @@ def main() -> None:
     try:
         app()
     except ForgeError as error:
-        error_console.print(f"[red]Error:[/red] {error}", highlight=False)
+        error_console.print(f"[red]Error:[/red] {escape(str(error))}", highlight=False)
         raise SystemExit(1) from error
     except ValidationError as error:
         error_console.print(
-            f"[red]Invalid input:[/red] {_describe_validation(error)}", highlight=False
+            f"[red]Invalid input:[/red] {escape(_describe_validation(error))}", highlight=False
         )
         raise SystemExit(2) from error
 
