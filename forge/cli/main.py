@@ -554,8 +554,10 @@ def replay_capsule(
         console.print(f"{result.events_applied} events applied.")
         for difference in result.differences:
             console.print(
-                f"[red]differs[/red] {difference.field}: rebuilt={_plain(difference.rebuilt)} "
-                f"stored={_plain(difference.stored)}",
+                f"[red]differs[/red] {difference.field}: "
+                + escape(
+                    f"rebuilt={_plain(difference.rebuilt)} stored={_plain(difference.stored)}"
+                ),
                 highlight=False,
             )
         for problem in result.problems:
