@@ -49,3 +49,7 @@ def configure_logging(level: str = "INFO", json_output: bool = False) -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=numeric_level, stream=sys.stderr, format="%(name)s %(message)s")
+    if numeric_level > logging.DEBUG:
+        # aiokafka logs every failed reconnect at ERROR, about 100 lines a second while a broker
+        # is down. Forge's consumers and producer log the outage themselves, once per retry.
+        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)

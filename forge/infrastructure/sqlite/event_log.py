@@ -179,13 +179,14 @@ class SqliteEventLog:
                 f"{error}"
             ) from error
         self._database.notify_appended()
-        for item in encoded:
-            logger.debug(
-                "event_published",
-                event_id=str(item.event.id),
-                event_type=item.event.type.value,
-                topic=item.topic,
-            )
+        # One line per batch: a debug call per event cost about 1.7 µs even when filtered out,
+        # a tenth of the publish time (benchmarks/run, embedded publish).
+        logger.debug(
+            "events_published",
+            count=len(encoded),
+            first_event_id=str(encoded[0].event.id),
+            last_event_id=str(encoded[-1].event.id),
+        )
 
     async def append_raw(
         self,
