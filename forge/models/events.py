@@ -369,7 +369,7 @@ def _event_kwargs(
 
 
 class CapsuleCreatedEvent(Event[CapsuleCreatedData]):
-    """A capsule was created; the payload holds its full initial state."""
+    """A capsule was created; the payload contains its full initial state."""
 
     type: Literal[EventType.CAPSULE_CREATED] = EventType.CAPSULE_CREATED
     resource_type: str | None = "capsule"
@@ -404,7 +404,7 @@ class CapsuleCreatedEvent(Event[CapsuleCreatedData]):
 
 
 class CapsuleUpdatedEvent(Event[CapsuleUpdatedData]):
-    """A capsule changed; `changes` holds the new value of every field in `fields_changed`."""
+    """A capsule changed; `changes` contains the new value of every field in `fields_changed`."""
 
     type: Literal[EventType.CAPSULE_UPDATED] = EventType.CAPSULE_UPDATED
     resource_type: str | None = "capsule"
