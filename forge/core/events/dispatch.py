@@ -131,6 +131,33 @@ class HandlerRegistry:
         return self._by_name.get(name)
 
 
+class HandlerRegistrations:
+    """Handler registration shared by the consumers of every backend."""
+
+    _registry: HandlerRegistry
+    _group_id: str
+
+    def register_handler(
+        self, event_type: EventType, handler: EventHandler, *, name: str | None = None
+    ) -> None:
+        """Call `handler` for every event of `event_type`; several handlers per type are fine.
+
+        `name` identifies the handler in dead letters; it defaults to `module.qualname`.
+        """
+        self._registry.add(event_type, handler, name)
+        logger.debug("handler_registered", group_id=self._group_id, event_type=event_type.value)
+
+    def register_batch_handler(
+        self,
+        event_types: Sequence[EventType],
+        handler: BatchEventHandler,
+        *,
+        name: str | None = None,
+    ) -> None:
+        """Call `handler` with all events of `event_types` of each fetched batch, in order."""
+        self._registry.add_batch(event_types, handler, name)
+
+
 class DispatchInterruptedError(Exception):
     """Stop was requested while a handler was waiting to be retried."""
 

@@ -47,8 +47,13 @@ from aiokafka.errors import (
 from forge.config import ForgeSettings
 from forge.core.events.codec import HEADER_EVENT_TIME
 from forge.core.events.dead_letters import DeadLetter, DeadLetterStore
-from forge.core.events.dispatch import Dispatcher, HandlerRegistry, RetryPolicy
-from forge.core.events.ports import BatchEventHandler, EventHandler, LogRecord
+from forge.core.events.dispatch import (
+    Dispatcher,
+    HandlerRegistrations,
+    HandlerRegistry,
+    RetryPolicy,
+)
+from forge.core.events.ports import LogRecord
 from forge.exceptions import (
     BrokerUnavailableError,
     ConsumerGroupError,
@@ -121,7 +126,7 @@ class _RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._owner._on_partitions_assigned(set(assigned))
 
 
-class KafkaEventConsumer:
+class KafkaEventConsumer(HandlerRegistrations):
     """One member of a Kafka consumer group that hands events to registered handlers."""
 
     def __init__(
@@ -196,26 +201,6 @@ class KafkaEventConsumer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
-
-    def register_handler(
-        self, event_type: EventType, handler: EventHandler, *, name: str | None = None
-    ) -> None:
-        """Call `handler` for every event of `event_type`; several handlers per type are fine.
-
-        `name` identifies the handler in dead letters; it defaults to `module.qualname`.
-        """
-        self._registry.add(event_type, handler, name)
-        logger.debug("handler_registered", group_id=self._group_id, event_type=event_type.value)
-
-    def register_batch_handler(
-        self,
-        event_types: Sequence[EventType],
-        handler: BatchEventHandler,
-        *,
-        name: str | None = None,
-    ) -> None:
-        """Call `handler` with all events of `event_types` of each fetched batch, in order."""
-        self._registry.add_batch(event_types, handler, name)
 
     # Lifecycle -----------------------------------------------------------------------------------
 

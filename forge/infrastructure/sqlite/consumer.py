@@ -24,8 +24,13 @@ from typing import Any
 
 from forge.config import ForgeSettings
 from forge.core.events.dead_letters import DeadLetterStore
-from forge.core.events.dispatch import Dispatcher, HandlerRegistry, RetryPolicy
-from forge.core.events.ports import BatchEventHandler, EventHandler, LogRecord
+from forge.core.events.dispatch import (
+    Dispatcher,
+    HandlerRegistrations,
+    HandlerRegistry,
+    RetryPolicy,
+)
+from forge.core.events.ports import LogRecord
 from forge.exceptions import ConsumerGroupError, ForgeError, NotStartedError
 from forge.infrastructure.sqlite.database import SqliteDatabase
 from forge.infrastructure.sqlite.dead_letters import SqliteDeadLetterStore
@@ -38,7 +43,7 @@ logger = get_logger(__name__)
 _RETRY_CHECK_INTERVAL_SECONDS = 1.0
 
 
-class SqliteEventConsumer:
+class SqliteEventConsumer(HandlerRegistrations):
     """One member of a consumer group on the embedded event log."""
 
     def __init__(
@@ -92,23 +97,6 @@ class SqliteEventConsumer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
-
-    def register_handler(
-        self, event_type: EventType, handler: EventHandler, *, name: str | None = None
-    ) -> None:
-        """Call `handler` for every event of `event_type`; several handlers per type are fine."""
-        self._registry.add(event_type, handler, name)
-        logger.debug("handler_registered", group_id=self._group_id, event_type=event_type.value)
-
-    def register_batch_handler(
-        self,
-        event_types: Sequence[EventType],
-        handler: BatchEventHandler,
-        *,
-        name: str | None = None,
-    ) -> None:
-        """Call `handler` with all events of `event_types` of each fetched batch, in order."""
-        self._registry.add_batch(event_types, handler, name)
 
     async def start(self, event_types: Sequence[EventType] | None = None) -> None:
         """Join the consumer group and load its positions.
