@@ -228,6 +228,9 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
             body = ErrorBody(
                 error="InvalidHeader",
                 message=f"Invalid {CORRELATION_HEADER} header {raw!r}; send a UUID or omit it.",
+                problems=[
+                    {"field": CORRELATION_HEADER, "value": repr(raw), "problem": "not a UUID"}
+                ],
             )
             return JSONResponse(status_code=400, content=body.model_dump())
         with correlation_scope(correlation_id):

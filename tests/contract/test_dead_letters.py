@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 from uuid import uuid4
@@ -308,3 +309,21 @@ async def test_max_attempts_setting_honoured(backend: Any, max_attempts: int) ->
     [letter] = await backend.dead_letters.list(group_id="search")
     assert len(calls) == max_attempts
     assert letter.attempts == max_attempts
+
+
+async def test_unparsable_letter_names_event(backend: Any) -> None:
+    event = capsule_created()
+    broken = json.loads(event.to_json())
+    broken["data"]["capsule_type"] = 42
+    await backend.append_raw(event.topic, json.dumps(broken).encode(), key=event.key)
+    consumer = backend.make_consumer("named-letters")
+    consumer.register_handler(EventType.CAPSULE_CREATED, Recorder())
+    await consumer.start()
+    await consumer.drain()
+
+    letters = await backend.dead_letters.list(group_id="named-letters")
+
+    assert len(letters) == 1
+    assert letters[0].handler == "decode"
+    assert letters[0].event_id == str(event.id)
+    assert letters[0].event_type == "capsule.created"

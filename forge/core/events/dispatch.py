@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from forge.config import ForgeSettings
 from forge.core.events.codec import decode_event
 from forge.core.events.context import caused_by
@@ -346,8 +348,8 @@ class Dispatcher:
             error_type=type(error).__name__,
             handler=handler,
             attempts=attempts,
-            event_id=str(event.id) if event is not None else record.headers.get("event_id"),
-            event_type=event.type.value if event is not None else record.headers.get("event_type"),
+            event_id=str(event.id) if event is not None else _readable_field(record, "id"),
+            event_type=event.type.value if event is not None else _readable_field(record, "type"),
         )
         logger.warning(
             "event_parked",
@@ -361,3 +363,23 @@ class Dispatcher:
             reason=reason[:500],
         )
         return letter
+
+
+_HEADER_FOR_FIELD = {"id": "event_id", "type": "event_type"}
+
+
+def _readable_field(record: LogRecord, field: str) -> str | None:
+    """Return a field of a record that failed to parse, from its headers or its JSON, if any.
+
+    A dead letter then still names the event it came from when only, say, a payload field was
+    invalid.
+    """
+    from_header = record.headers.get(_HEADER_FOR_FIELD[field])
+    if from_header is not None:
+        return from_header
+    try:
+        values = orjson.loads(record.value)
+    except orjson.JSONDecodeError:
+        return None
+    value = values.get(field) if isinstance(values, dict) else None
+    return value if isinstance(value, str) else None
