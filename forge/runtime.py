@@ -443,21 +443,3 @@ class _RelayWorker:
         self._stopping.set()
         if self._relay.is_running:
             await self._relay.stop()
-
-
-async def start_publisher_from_settings() -> EventPublisher:
-    """Build and start the publisher named by `FORGE_*` settings (for `get_event_service`)."""
-    settings = get_settings()
-    if settings.event_backend is not EventBackend.SQLITE:
-        raise ConfigurationError(
-            f"FORGE_EVENT_BACKEND={settings.event_backend.value} is not available in this "
-            "version; use sqlite."
-        )
-    database = SqliteDatabase(
-        settings.sqlite_path,
-        synchronous=settings.sqlite_synchronous,
-        busy_timeout_seconds=settings.sqlite_busy_timeout_seconds,
-    )
-    event_log = SqliteEventLog(database, max_event_bytes=settings.max_event_bytes)
-    await event_log.start()
-    return event_log

@@ -20,7 +20,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from forge.logging import get_logger
-from forge.models.events import SEALED_PREFIX, Event, EventType
+from forge.models.events import SEALED_PREFIX, Event
 
 logger = get_logger(__name__)
 
@@ -177,11 +177,6 @@ class PersonalDataProtector:
             erased = {subject: await self._keys.forget(subject) for subject in subjects}
         for subject in subjects:
             logger.info("personal_data_key_erased", subject_id=str(subject), erased=erased[subject])
-
-    async def handle_anonymized(self, event: Event[Any]) -> None:
-        """Handler for `user.anonymized`: erase the user's key."""
-        if event.type is EventType.USER_ANONYMIZED and event.resource_id is not None:
-            await self.forget(event.resource_id)
 
 
 def _open(key: bytes, token: str, event: Event[Any]) -> Any:

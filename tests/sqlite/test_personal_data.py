@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from uuid import uuid4
 
-from forge.config import ForgeSettings
+import pytest
+
+from forge.config import ForgeSettings, get_settings
 from forge.core.audit.store import AuditQuery
+from forge.core.events.service import get_event_service
 from forge.models.events import SEALED_PREFIX
 from forge.runtime import Runtime
 
@@ -57,3 +60,19 @@ async def test_anonymized_user_data_unreadable(tmp_path: Path) -> None:
     assert str(other_revealed.data.ip_address) == "10.4.5.6"
     # Data arriving after the anonymization is dropped, not sealed with a new key.
     assert later.data.ip_address is None
+
+
+async def test_default_service_seals_personal_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FORGE_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    service = get_event_service()
+
+    await service.user_authenticated(uuid4(), "10.1.2.3", "curl/8.0")
+    await service.close()
+    async with Runtime(ForgeSettings(data_dir=tmp_path)) as runtime:
+        records = [record async for record in runtime.reader.read()]
+
+    assert len(records) == 1
+    assert b"10.1.2.3" not in records[0].value

@@ -79,14 +79,12 @@ def decode_event(
             [FieldProblem("<record>", len(value), f"over {max_bytes} bytes")],
         )
     try:
-        value.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise EventValidationError(
-            f"Record is not valid UTF-8 (byte {error.start}: "
-            f"{value[error.start : error.start + 4]!r}). Producers must send UTF-8 JSON.",
-            [FieldProblem("<record>", value[:40], "invalid UTF-8")],
-        ) from error
-    event = parse_event(value)
+        event = parse_event(value)
+    except EventValidationError:
+        # orjson rejects invalid UTF-8 as invalid JSON. Only then is the value decoded again,
+        # to name the real problem, so valid records are not decoded twice.
+        _raise_if_not_utf8(value)
+        raise
     if headers:
         _check_headers(event, headers)
     if key is not None and event.key is None:
@@ -112,6 +110,17 @@ def decode_event(
             [FieldProblem("<topic>", topic, f"does not match type {event.type.value}")],
         )
     return event
+
+
+def _raise_if_not_utf8(value: bytes) -> None:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise EventValidationError(
+            f"Record is not valid UTF-8 (byte {error.start}: "
+            f"{value[error.start : error.start + 4]!r}). Producers must send UTF-8 JSON.",
+            [FieldProblem("<record>", value[:40], "invalid UTF-8")],
+        ) from error
 
 
 def _check_headers(event: Event[Any], headers: Mapping[str, str]) -> None:

@@ -696,10 +696,23 @@ def get_event_service() -> EventService:
     global _service
     with _service_lock:
         if _service is None:
-            from forge.runtime import start_publisher_from_settings
-
-            _service = EventService(publisher_factory=start_publisher_from_settings)
+            _service = EventService(publisher_factory=_start_default_runtime)
         return _service
+
+
+async def _start_default_runtime() -> EventPublisher:
+    """Start a `Runtime` from `FORGE_*` settings for the process-wide service.
+
+    The service takes the runtime's protector too, so that its events are sealed like those of
+    every other service. The runtime lives as long as the process.
+    """
+    from forge.runtime import Runtime
+
+    runtime = Runtime()
+    await runtime.start()
+    if _service is not None:
+        _service._protector = runtime.protector
+    return runtime.publisher
 
 
 def set_event_service(service: EventService | None) -> None:

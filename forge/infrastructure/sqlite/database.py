@@ -33,6 +33,8 @@ def translate_error(error: sqlite3.Error, path: Path) -> StorageError:
     """Map a sqlite3 error to Forge's storage errors, naming the file and the fix."""
     message = str(error)
     lowered = message.lower()
+    # SQLite reports a full disk as SQLITE_FULL, but can also report it as a disk I/O error
+    # when the WAL file cannot grow; both mean nothing of the write was kept.
     if (
         "disk is full" in lowered
         or "disk i/o error" in lowered

@@ -230,15 +230,6 @@ class SqliteEventLog:
                 events.append(event)
         return events
 
-    async def end_offsets(self, topics: Sequence[str] | None = None) -> dict[str, int]:
-        """Return the next offset of each topic (the number of records appended to it)."""
-
-        def query(connection: sqlite3.Connection) -> dict[str, int]:
-            rows = connection.execute("SELECT name, next_offset FROM topics").fetchall()
-            return {name: offset for name, offset in rows if topics is None or name in topics}
-
-        return await self._database.read(query)
-
     async def read(
         self,
         event_types: Sequence[EventType] | None = None,
@@ -248,12 +239,15 @@ class SqliteEventLog:
         poll_interval: float = 0.2,
     ) -> AsyncIterator[LogRecord]:
         """Yield records of the given types (all topics when None) in append order."""
-        topics = [topic_for(event_type) for event_type in event_types] if event_types else None
+        # Every record of these topics, from offset 0; the cursor (seq) does the paging.
+        positions = {topic_for(event_type): 0 for event_type in event_types or ()}
         cursor = 0 if from_beginning else await self._database.read(max_seq)
         while True:
-            rows = await self._database.read(
-                partial(fetch_records, topics=topics, after_seq=cursor, limit=500)
-            )
+            if positions:
+                fetch = partial(fetch_pending, positions=positions, after_seq=cursor, limit=500)
+            else:
+                fetch = partial(fetch_all, after_seq=cursor, limit=500)
+            rows = await self._database.read(fetch)
             for row in rows:
                 cursor = row[0]
                 yield row_to_record(row)
@@ -269,17 +263,10 @@ def max_seq(connection: sqlite3.Connection) -> int:
     return int(value or 0)
 
 
-def fetch_records(
-    connection: sqlite3.Connection, topics: Sequence[str] | None, after_seq: int, limit: int
-) -> list[tuple[Any, ...]]:
-    if topics is None:
-        return connection.execute(
-            f"{_SELECT_RECORD} WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
-        ).fetchall()
-    placeholders = ",".join("?" * len(topics))
+def fetch_all(connection: sqlite3.Connection, after_seq: int, limit: int) -> list[tuple[Any, ...]]:
+    """Return up to `limit` records of every topic after `after_seq`, in append order."""
     return connection.execute(
-        f"{_SELECT_RECORD} WHERE seq > ? AND topic IN ({placeholders}) ORDER BY seq LIMIT ?",
-        (after_seq, *topics, limit),
+        f"{_SELECT_RECORD} WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
     ).fetchall()
 
 
@@ -293,9 +280,9 @@ def fetch_pending(
     order. Records below a topic's position (the next offset to handle) may be included, so
     callers skip them.
 
-    The cost of a call does not grow with the length of the log. `fetch_records` with a topic
-    list lets SQLite pick the (topic, log_offset) index, read every record of those topics and
-    sort them by seq, for each batch, so consuming a long log took quadratic time.
+    The cost of a call does not grow with the length of the log. A plain `topic IN (...)`
+    query lets SQLite pick the (topic, log_offset) index, read every record of those topics and
+    sort them by seq, for each batch, so reading a long log that way takes quadratic time.
     """
     if not positions:
         return []
@@ -328,7 +315,7 @@ __all__ = [
     "append_events",
     "append_records",
     "fetch_pending",
-    "fetch_records",
+    "fetch_all",
     "max_seq",
     "row_to_record",
 ]
