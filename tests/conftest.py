@@ -79,7 +79,46 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     set_event_service(None)
 
 
-class SqliteBackend:
+class _RuntimeBackend:
+    """Components every backend takes from its `Runtime`; subclasses override what differs."""
+
+    _runtime: Runtime | None
+
+    @property
+    def runtime(self) -> Runtime:
+        assert self._runtime is not None, "backend is not open"
+        return self._runtime
+
+    @property
+    def publisher(self) -> EventPublisher:
+        return self.runtime.publisher
+
+    @property
+    def events(self) -> EventService:
+        return self.runtime.events
+
+    @property
+    def audit_store(self) -> AuditStore:
+        return self.runtime.audit_store
+
+    @property
+    def capsule_store(self) -> CapsuleStore:
+        return self.runtime.capsule_store
+
+    @property
+    def capsules(self) -> CapsuleService:
+        return self.runtime.capsules
+
+    @property
+    def dead_letters(self) -> DeadLetterStore:
+        return self.runtime.dead_letters
+
+    @property
+    def replayer(self) -> CapsuleReplayer:
+        return self.runtime.replayer
+
+
+class SqliteBackend(_RuntimeBackend):
     """The embedded backend: event log and stores in one SQLite file, built by `Runtime`.
 
     Consumers with setting overrides use a second connection to the same file, as a second
@@ -122,39 +161,6 @@ class SqliteBackend:
     async def discard(self) -> None:
         """Remove nothing: pytest removes the data folder after the test."""
 
-    @property
-    def runtime(self) -> Runtime:
-        assert self._runtime is not None, "backend is not open"
-        return self._runtime
-
-    @property
-    def publisher(self) -> EventPublisher:
-        return self.runtime.publisher
-
-    @property
-    def events(self) -> EventService:
-        return self.runtime.events
-
-    @property
-    def dead_letters(self) -> DeadLetterStore:
-        return self.runtime.dead_letters
-
-    @property
-    def audit_store(self) -> AuditStore:
-        return self.runtime.audit_store
-
-    @property
-    def capsule_store(self) -> CapsuleStore:
-        return self.runtime.capsule_store
-
-    @property
-    def capsules(self) -> CapsuleService:
-        return self.runtime.capsules
-
-    @property
-    def replayer(self) -> CapsuleReplayer:
-        return self.runtime.replayer
-
     def make_consumer(self, group_id: str, **settings_overrides: Any) -> EventConsumer:
         """Return a consumer of `group_id`, not yet started, which is stopped when the test ends."""
         consumer: EventConsumer
@@ -188,7 +194,7 @@ class SqliteBackend:
         return await event_log.append_raw(topic, value, key=key, headers=headers)
 
 
-class KafkaBackend:
+class KafkaBackend(_RuntimeBackend):
     """The distributed backend: Kafka for events, PostgreSQL for the stores, built by `Runtime`.
 
     It is what `forge serve` runs with FORGE_EVENT_BACKEND=kafka, on the servers named by
@@ -302,33 +308,8 @@ class KafkaBackend:
             await connection.close()
 
     @property
-    def runtime(self) -> Runtime:
-        assert self._runtime is not None, "backend is not open"
-        return self._runtime
-
-    @property
-    def publisher(self) -> EventPublisher:
-        return self.runtime.publisher
-
-    @property
-    def events(self) -> EventService:
-        return self.runtime.events
-
-    @property
     def dead_letters(self) -> DeadLetterStore:
         return _DeadLettersByTestGroup(self.runtime.dead_letters, self.group_prefix)
-
-    @property
-    def audit_store(self) -> AuditStore:
-        return self.runtime.audit_store
-
-    @property
-    def capsule_store(self) -> CapsuleStore:
-        return self.runtime.capsule_store
-
-    @property
-    def capsules(self) -> CapsuleService:
-        return self.runtime.capsules
 
     @property
     def replayer(self) -> Any:

@@ -246,8 +246,8 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
         }
         details = await runtime.health()
         healthy = all(worker.last_error is None for worker in request.app.state.workers)
-        # While the broker is down, changes are still accepted into the outbox; the health
-        # check says so, with the number of events waiting, instead of looking fine.
+        # While the broker is down, changes are still accepted into the outbox. The health
+        # check reports that, with the number of events waiting, instead of looking fine.
         healthy = healthy and details.get("broker_connected", True)
         body = {
             "status": "ok" if healthy else "degraded",

@@ -527,8 +527,8 @@ class UserAuthenticatedEvent(Event[UserAuthenticatedData]):
         causation_id: UUID | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> UserAuthenticatedEvent:
-        # The address and agent go to the payload only, never to `metadata`, so that a single
-        # place holds the personal data of this event.
+        # The address and agent go to the payload only, never to `metadata`, so that the
+        # personal data of this event is in one place, where it is sealed.
         return cls(
             actor_id=user_id,
             resource_id=user_id,

@@ -33,7 +33,7 @@ class AuditRecorder:
         self.recorded += new
         logger.debug("audit_recorded", received=len(events), new=new)
         if self._protector is not None:
-            # The recorder sees every event, so it is where an anonymization takes effect:
+            # The recorder receives every event, so it is where an anonymization takes effect:
             # the user's key is erased once the event itself is safely recorded.
             # One call for the whole batch, because erasing key by key cost a write transaction
             # per anonymized user.

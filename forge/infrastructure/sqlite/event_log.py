@@ -2,7 +2,7 @@
 
 Each topic has its own offsets, starting at 0, as a Kafka partition does; the embedded log has
 one partition per topic. A global sequence number (`seq`) orders all appends, so a consumer of
-several topics sees events in the order they were written.
+several topics receives events in the order they were written.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def row_to_record(row: sqlite3.Row | tuple[Any, ...]) -> LogRecord:
     try:
         parsed_headers = {str(k): str(v) for k, v in orjson.loads(headers).items()}
     except (orjson.JSONDecodeError, AttributeError):
-        # Headers are only a routing aid; a record with broken headers is still decoded
+        # Headers are only a routing aid. A record with broken headers is still decoded
         # from its value, and parked from there if that is broken too.
         parsed_headers = {}
     return LogRecord(
