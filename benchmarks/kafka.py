@@ -38,8 +38,6 @@ LATENCY_P50_MS = 5.0
 LATENCY_P99_MS = 25.0
 LATENCY_TIMEOUT_SECONDS = 300
 POLL_MS = 500
-PUBLISHERS = 4
-"""Concurrent `publish_many` callers in the publish benchmark; the anchor does not wait at all."""
 Record = tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]
 
 ROWS: list[tuple[str, str, list[Any]]] = [
@@ -61,6 +59,8 @@ def missing_requirements() -> str | None:
     ):
         if importlib.util.find_spec(module) is None:
             return f"{module} does not exist yet"
+    if importlib.util.find_spec("confluent_kafka") is None:
+        return "confluent-kafka is not installed: pip install -e '.[bench]'"
     return None
 
 
@@ -161,25 +161,13 @@ async def naive_publish(bootstrap: str, records: Sequence[Record]) -> float:
         await producer.stop()
 
 
-async def forge_publish(
-    settings: ForgeSettings, events: Sequence[Event[Any]], batch: int, publishers: int
-) -> float:
-    """Publish `events` in batches from `publishers` concurrent callers; return the seconds.
-
-    Each caller awaits its `publish_many` before taking the next batch, as request handlers
-    of one service process do.
-    """
+async def forge_publish(settings: ForgeSettings, events: Sequence[Event[Any]], batch: int) -> float:
     from forge.runtime import Runtime
-
-    batches = iter(range(0, len(events), batch))
-
-    async def publisher(runtime: Runtime) -> None:
-        for start in batches:
-            await runtime.events.publish_many(events[start : start + batch])
 
     async with Runtime(settings) as runtime:
         started = time.perf_counter()
-        await asyncio.gather(*(publisher(runtime) for _ in range(publishers)))
+        for start in range(0, len(events), batch):
+            await runtime.events.publish_many(events[start : start + batch])
         return time.perf_counter() - started
 
 
@@ -379,14 +367,13 @@ def _measure(
     # Warm-up, not measured: new topics get their leaders and the producers their ids.
     warm_up = min(len(events), 1_000)
     confluent_publish(kafka.endpoint, records[:warm_up])
-    asyncio.run(forge_publish(settings, events[:warm_up], scale.batch_size, PUBLISHERS))
+    asyncio.run(forge_publish(settings, events[:warm_up], scale.batch_size))
     naive_count = min(len(records), scale.naive_events)
     count = len(events)
     figures: dict[str, list[float]] = {
         name: []
         for name in (
             "publish",
-            "publish_one_caller",
             "confluent",
             "naive",
             "consume",
@@ -397,9 +384,9 @@ def _measure(
         )
     }
     latency_reports: list[dict[str, Any]] = []
-    # Every run publishes 3 * count + naive_count events. Consumer groups positioned at the
+    # Every run publishes 2 * count + naive_count events. Consumer groups positioned at the
     # end of the topics before that read exactly those, whatever earlier runs left there.
-    published = 3 * count + naive_count
+    published = 2 * count + naive_count
     each_count = min(published, scale.commit_each_events)
     for _ in range(scale.runs):
         groups = {
@@ -410,10 +397,7 @@ def _measure(
 
         figures["confluent"].append(count / confluent_publish(kafka.endpoint, records))
         figures["publish"].append(
-            count / asyncio.run(forge_publish(settings, events, scale.batch_size, PUBLISHERS))
-        )
-        figures["publish_one_caller"].append(
-            count / asyncio.run(forge_publish(settings, events, scale.batch_size, 1))
+            count / asyncio.run(forge_publish(settings, events, scale.batch_size))
         )
         figures["naive"].append(
             naive_count / asyncio.run(naive_publish(kafka.endpoint, records[:naive_count]))
@@ -441,7 +425,6 @@ def _measure(
     publish = Summary.of(figures["publish"])
     consume = Summary.of(figures["consume"])
     batch = f"{count:,} events, publish_many batches of {scale.batch_size}"
-    callers = f"{PUBLISHERS} concurrent callers"
     latency_note = (
         f"publish_many to handler start in another process, {scale.latency_rate:,} events/s for "
         f"{scale.latency_seconds:g} s; published "
@@ -456,7 +439,7 @@ def _measure(
             Summary.of(figures["confluent"]),
             "confluent-kafka",
             ROWS[0][2],
-            note=f"EventService.publish_many, idempotent, acks=all, {callers}, {batch}",
+            note=f"EventService.publish_many, idempotent, acks=all, {batch}",
         ),
         Row(
             "Kafka publish vs naive",
@@ -467,16 +450,6 @@ def _measure(
             "send_and_wait per event",
             ROWS[1][2],
             note=f"anchor: aiokafka send_and_wait awaited per event, {naive_count:,} events",
-        ),
-        Row(
-            "Kafka publish, one caller",
-            GROUP,
-            "events/s",
-            Summary.of(figures["publish_one_caller"]),
-            Summary.of(figures["confluent"]),
-            "confluent-kafka",
-            [],
-            note=f"as Kafka publish, but one caller awaits each batch in turn (no target), {batch}",
         ),
         Row(
             "Kafka consume",

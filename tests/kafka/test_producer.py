@@ -108,7 +108,7 @@ async def test_batch_with_broker_rejection_names_only_it(tmp_path: Path) -> None
     assert set(caught.value.failed) == {rejected.id}
     cause = caught.value.failed[rejected.id]
     assert isinstance(cause, PublishError)
-    assert "MSG_SIZE_TOO_LARGE" in str(cause)
+    assert "MessageSizeTooLarge" in str(cause)
     assert caught.value.acknowledged == 3
     published = {parse_event(value).id for value in await _read_new(settings, before)}
     assert {event.id for event in valid} <= published
