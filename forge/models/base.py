@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, NoReturn
+from uuid import UUID
 
+import orjson
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -53,6 +55,9 @@ are checked first."""
 
 def deep_freeze(value: Any) -> Any:
     """Return `value` with every dict made a `FrozenDict` and every list a tuple."""
+    if type(value) is dict and _JSON_SCALARS.issuperset(map(type, value.values())):
+        # Flat objects, such as most metadata, are copied in one call, without a Python loop.
+        return FrozenDict(value)
     if isinstance(value, dict):
         return FrozenDict(
             {
@@ -69,6 +74,9 @@ def thaw(value: Any) -> Any:
     """Return `value` with every mapping made a dict and every tuple a list, as JSON has them."""
     if type(value) in _JSON_SCALARS:
         return value
+    if isinstance(value, dict) and _JSON_SCALARS.issuperset(map(type, value.values())):
+        # Flat objects, such as most metadata, are copied in one call, without a Python loop.
+        return dict(value)
     if isinstance(value, Mapping):
         return {
             key: item if type(item) in _JSON_SCALARS else thaw(item) for key, item in value.items()
@@ -98,6 +106,20 @@ FrozenJsonValue = Annotated[JsonValue, AfterValidator(deep_freeze), PlainSeriali
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def uuid_text(value: UUID) -> str:
+    """Return `str(value)`, the hyphenated lower-case form, in a third of the time.
+
+    Encoding and decoding an event turn several ids into text (headers, key, checks), and
+    `UUID.__str__` is Python code (measured: 0.65 µs a call, 0.2 µs through orjson). orjson
+    writes the same form.
+    """
+    if type(value) is not UUID:
+        # orjson serializes only exact `uuid.UUID` instances, and a subclass may define its
+        # own `__str__`.
+        return str(value)
+    return orjson.dumps(value)[1:-1].decode()
 
 
 class FrozenModel(ForgeBaseModel):

@@ -12,7 +12,8 @@ from typing import Any
 
 from forge.core.audit.store import to_microseconds
 from forge.exceptions import EventTooLargeError, EventValidationError, FieldProblem
-from forge.models.events import Event, parse_event
+from forge.models.base import uuid_text
+from forge.models.events import Event, EventType, parse_event
 
 HEADER_EVENT_ID = "event_id"
 HEADER_EVENT_TYPE = "event_type"
@@ -33,16 +34,21 @@ class EncodedEvent:
     headers: dict[str, str]
 
 
+_TYPE_VALUES = {event_type: event_type.value for event_type in EventType}
+"""The value of each event type. A dict lookup costs a third of the `EventType.value` property,
+and every encoded or decoded event needs it."""
+
+
 def event_headers(event: Event[Any]) -> dict[str, str]:
     """Return the headers that let a router or dead-letter store work without parsing the value."""
     headers = {
-        HEADER_EVENT_ID: str(event.id),
-        HEADER_EVENT_TYPE: event.type.value,
+        HEADER_EVENT_ID: uuid_text(event.id),
+        HEADER_EVENT_TYPE: _TYPE_VALUES[event.type],
         HEADER_SCHEMA_VERSION: str(event.schema_version),
         HEADER_EVENT_TIME: str(to_microseconds(event.timestamp)),
     }
     if event.correlation_id is not None:
-        headers[HEADER_CORRELATION_ID] = str(event.correlation_id)
+        headers[HEADER_CORRELATION_ID] = uuid_text(event.correlation_id)
     return headers
 
 
@@ -125,14 +131,14 @@ def _raise_if_not_utf8(value: bytes) -> None:
 
 def _check_headers(event: Event[Any], headers: Mapping[str, str]) -> None:
     header_type = headers.get(HEADER_EVENT_TYPE)
-    if header_type is not None and header_type != event.type.value:
+    if header_type is not None and header_type != _TYPE_VALUES[event.type]:
         raise EventValidationError(
             f"Header event_type={header_type!r} does not match the value's type "
             f"{event.type.value!r}; the record was written by a faulty producer.",
             [FieldProblem("headers.event_type", header_type, "does not match value")],
         )
     header_id = headers.get(HEADER_EVENT_ID)
-    if header_id is not None and header_id != str(event.id):
+    if header_id is not None and header_id != uuid_text(event.id):
         raise EventValidationError(
             f"Header event_id={header_id!r} does not match the value's id {event.id}; the "
             "record was written by a faulty producer.",

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -31,19 +31,35 @@ def correlation_scope(correlation_id: UUID) -> Iterator[None]:
         _current.reset(token)
 
 
-@contextmanager
-def caused_by(trigger: Event[Any]) -> Iterator[None]:
+class _CausedBy:
+    """The context manager of `caused_by`.
+
+    A class rather than `@contextmanager`, because the consumer enters one around every handler
+    call, and the generator-based one took about 1.5 µs each time in a profile of the consumer.
+    """
+
+    __slots__ = ("_causation", "_token")
+
+    def __init__(self, causation: Causation) -> None:
+        self._causation = causation
+        self._token: Token[Causation | None] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _current.set(self._causation)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
+
+
+def caused_by(trigger: Event[Any]) -> AbstractContextManager[None]:
     """Mark events published in this block as caused by `trigger`, in its correlation.
 
     The consumer enters this around every handler call, so a handler's events are linked to the
     event it handles without any code in the handler.
     """
-    correlation_id = trigger.correlation_id or trigger.id
-    token = _current.set(Causation(correlation_id, trigger.id))
-    try:
-        yield
-    finally:
-        _current.reset(token)
+    return _CausedBy(Causation(trigger.correlation_id or trigger.id, trigger.id))
 
 
 def current_causation() -> Causation | None:

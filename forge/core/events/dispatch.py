@@ -65,6 +65,13 @@ class RegisteredHandler:
         for event in events:
             await self.function(event)
 
+    async def call_one(self, event: Event[Any]) -> None:
+        """Call the handler with one event, without building a list for a single handler."""
+        if self.is_batch:
+            await self.function([event])
+        else:
+            await self.function(event)
+
 
 def handler_name(function: Any) -> str:
     """Return a stable name for a handler: `module.qualname`."""
@@ -244,7 +251,9 @@ class Dispatcher:
         for i, event in enumerate(decoded):
             if event is None:
                 continue
-            handlers = retry_alone.get(i, []) + self.registry.single_handlers(event.type)
+            handlers = self.registry.single_handlers(event.type)
+            if i in retry_alone:
+                handlers = retry_alone[i] + handlers
             for handler in handlers:
                 try:
                     failure = await self._call_with_retries(handler, event)
@@ -299,7 +308,7 @@ class Dispatcher:
             attempt += 1
             try:
                 with caused_by(event):
-                    await handler.call([event])
+                    await handler.call_one(event)
                 return None
             except Exception as error:
                 if attempt >= self.policy.max_attempts or isinstance(error, EventRejectedError):

@@ -34,7 +34,7 @@ from forge.core.events.ports import LogRecord
 from forge.exceptions import ConsumerGroupError, ForgeError, NotStartedError
 from forge.infrastructure.sqlite.database import SqliteDatabase
 from forge.infrastructure.sqlite.dead_letters import SqliteDeadLetterStore
-from forge.infrastructure.sqlite.event_log import fetch_pending, max_seq, row_to_record
+from forge.infrastructure.sqlite.event_log import fetch_pending, max_seq, rows_to_records
 from forge.logging import get_logger
 from forge.models.events import EventType, topic_for
 
@@ -232,7 +232,7 @@ class SqliteEventConsumer(HandlerRegistrations):
         if not rows:
             return False
         last_seq = rows[-1][0]
-        records = [row_to_record(row) for row in rows]
+        records = rows_to_records(rows)
         # Records below the committed position were handled before a restart.
         pending = [record for record in records if record.offset >= self._positions[record.topic]]
         if not pending:

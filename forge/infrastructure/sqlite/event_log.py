@@ -58,7 +58,9 @@ def append_records(
             next_offsets[topic] = found[0] if found else 0
         offset = next_offsets[topic]
         next_offsets[topic] = offset + 1
-        rows.append((topic, offset, key, value, orjson.dumps(dict(headers)).decode(), appended_at))
+        # orjson serializes a plain dict directly, so only other mappings are copied into one.
+        plain = headers if type(headers) is dict else dict(headers)
+        rows.append((topic, offset, key, value, orjson.dumps(plain).decode(), appended_at))
         positions.append((topic, offset))
     connection.executemany(
         "INSERT INTO event_log (topic, log_offset, key, value, headers, appended_at) "
@@ -80,14 +82,33 @@ def append_events(connection: sqlite3.Connection, encoded: Sequence[EncodedEvent
     )
 
 
-def row_to_record(row: sqlite3.Row | tuple[Any, ...]) -> LogRecord:
+_STRINGS_ONLY = frozenset({str})
+
+
+def row_to_record(
+    row: sqlite3.Row | tuple[Any, ...], times: dict[str, datetime] | None = None
+) -> LogRecord:
+    """Return the record of an event_log row.
+
+    `times` caches parsed append times across the rows of one fetch, because the rows of a
+    batch share one, and parsing it again for each row costs more than the lookup.
+    """
     _, topic, offset, key, value, headers, appended_at = row
     try:
-        parsed_headers = {str(k): str(v) for k, v in orjson.loads(headers).items()}
+        parsed_headers = orjson.loads(headers)
+        # Forge writes only string values, so these need no conversion. Other values are
+        # converted with str().
+        if not _STRINGS_ONLY.issuperset(map(type, parsed_headers.values())):
+            parsed_headers = {str(k): str(v) for k, v in parsed_headers.items()}
     except (orjson.JSONDecodeError, AttributeError):
         # Headers are only a routing aid. A record with broken headers is still decoded
         # from its value, and parked from there if that is broken too.
         parsed_headers = {}
+    timestamp = times.get(appended_at) if times is not None else None
+    if timestamp is None:
+        timestamp = datetime.fromisoformat(appended_at)
+        if times is not None:
+            times[appended_at] = timestamp
     return LogRecord(
         topic=topic,
         partition=PARTITION,
@@ -95,8 +116,14 @@ def row_to_record(row: sqlite3.Row | tuple[Any, ...]) -> LogRecord:
         key=key,
         value=bytes(value) if not isinstance(value, bytes) else value,
         headers=parsed_headers,
-        timestamp=datetime.fromisoformat(appended_at),
+        timestamp=timestamp,
     )
+
+
+def rows_to_records(rows: Sequence[sqlite3.Row | tuple[Any, ...]]) -> list[LogRecord]:
+    """Return the records of the rows of one fetch, parsing each distinct append time once."""
+    times: dict[str, datetime] = {}
+    return [row_to_record(row, times) for row in rows]
 
 
 class SqliteEventLog:
@@ -318,4 +345,5 @@ __all__ = [
     "fetch_all",
     "max_seq",
     "row_to_record",
+    "rows_to_records",
 ]

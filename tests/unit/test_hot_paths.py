@@ -1,0 +1,239 @@
+"""The faster code of the publish and consume paths returns what the plain code returns."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+import orjson
+import pytest
+
+from forge.core.audit.store import to_microseconds
+from forge.core.events.context import caused_by, current_causation
+from forge.core.events.dispatch import RegisteredHandler
+from forge.core.privacy import PersonalDataProtector
+from forge.infrastructure.sqlite.event_log import row_to_record, rows_to_records
+from forge.models.base import FrozenDict, deep_freeze, thaw, uuid_text
+from forge.models.events import (
+    EVENT_CLASSES,
+    ConfigChangedEvent,
+    Event,
+    EventType,
+    UserAuthenticatedEvent,
+    parse_event,
+    topic_for,
+)
+from tests.helpers import capsule_created, vote_cast
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class _TaggedUuid(UUID):
+    def __str__(self) -> str:
+        return "tagged"
+
+
+def test_uuid_text_is_str_of_uuid() -> None:
+    values = [uuid4() for _ in range(1000)] + [UUID(int=0), UUID(int=2**128 - 1)]
+
+    assert [uuid_text(value) for value in values] == [str(value) for value in values]
+
+
+def test_uuid_text_of_subclass_uses_its_str() -> None:
+    assert uuid_text(_TaggedUuid(int=5)) == "tagged"
+
+
+def test_microseconds_match_floor_division() -> None:
+    generator = random.Random(3)
+    moments = [
+        _EPOCH + timedelta(microseconds=generator.randrange(-(10**16), 10**17)) for _ in range(1000)
+    ]
+    moments.append(datetime(2025, 6, 1, 12, tzinfo=UTC) - timedelta(microseconds=1))
+
+    for moment in moments:
+        assert to_microseconds(moment) == (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def test_type_serialized_as_its_value() -> None:
+    event = vote_cast()
+
+    assert orjson.loads(event.to_json())["type"] == "vote.cast"
+    assert event.model_dump_json().encode() == event.to_json()
+
+
+def test_python_dump_keeps_type_member() -> None:
+    event = vote_cast()
+
+    dumped = event.model_dump()["type"]
+    json_dumped = event.model_dump(mode="json")["type"]
+
+    assert dumped is EventType.VOTE_CAST
+    assert type(json_dumped) is str
+    assert json_dumped == "vote.cast"
+
+
+@pytest.mark.parametrize("event_class", list(EVENT_CLASSES.values()), ids=lambda c: c.__name__)
+def test_type_field_schema_unchanged(event_class: type[Event[Any]]) -> None:
+    for mode in ("validation", "serialization"):
+        schema = event_class.model_json_schema(mode=mode)  # type: ignore[arg-type]
+        expected = event_class.model_fields["type"].default.value
+        assert schema["properties"]["type"]["const"] == expected
+
+
+def test_topic_for_every_type() -> None:
+    assert {topic_for(event_type) for event_type in EventType} == {
+        f"forge.{event_type.value}" for event_type in EventType
+    }
+
+
+def test_flat_object_frozen() -> None:
+    frozen = deep_freeze({"source": "api", "count": 2, "ratio": 0.5, "on": True, "none": None})
+
+    assert type(frozen) is FrozenDict
+    with pytest.raises(TypeError):
+        frozen["source"] = "cli"
+
+
+def test_nested_object_frozen_deeply() -> None:
+    frozen = deep_freeze({"tags": ["a", {"b": [1]}], "inner": {"x": 1}})
+
+    assert type(frozen["tags"]) is tuple
+    assert type(frozen["tags"][1]) is FrozenDict
+    assert frozen["tags"][1]["b"] == (1,)
+    assert type(frozen["inner"]) is FrozenDict
+
+
+def test_thaw_gives_plain_containers() -> None:
+    flat = thaw(FrozenDict({"source": "api"}))
+    nested = thaw(deep_freeze({"tags": ["a", {"b": [1]}]}))
+
+    assert type(flat) is dict
+    assert flat == {"source": "api"}
+    assert nested == {"tags": ["a", {"b": [1]}]}
+    assert type(nested["tags"]) is list
+    assert type(nested["tags"][1]) is dict
+
+
+def test_nested_json_value_round_trips() -> None:
+    event = ConfigChangedEvent.create(
+        "limits", {"ratio": 0.2, "tags": ["a", "b"]}, [1, {"deep": [None, True]}]
+    )
+
+    parsed = parse_event(event.to_json())
+
+    assert parsed == event
+    assert parsed.model_dump(mode="json")["data"]["new_value"] == [1, {"deep": [None, True]}]
+
+
+def test_caused_by_sets_and_restores_causation() -> None:
+    outer, inner = capsule_created(), capsule_created(correlation_id=uuid4())
+
+    with caused_by(outer):
+        with caused_by(inner):
+            during = current_causation()
+        after_inner = current_causation()
+
+    assert during is not None
+    assert during.causation_id == inner.id
+    assert during.correlation_id == inner.correlation_id
+    assert after_inner is not None
+    assert after_inner.correlation_id == outer.id
+    assert current_causation() is None
+
+
+def test_caused_by_restores_causation_after_error() -> None:
+    with pytest.raises(RuntimeError), caused_by(capsule_created()):
+        raise RuntimeError("handler failed")
+
+    assert current_causation() is None
+
+
+def test_call_one_gives_batch_handler_a_list() -> None:
+    seen: list[Any] = []
+
+    async def batch(events: Sequence[Event[Any]]) -> None:
+        seen.append(list(events))
+
+    async def single(event: Event[Any]) -> None:
+        seen.append(event)
+
+    event = vote_cast()
+    asyncio.run(RegisteredHandler("batch", batch, True).call_one(event))
+    asyncio.run(RegisteredHandler("single", single, False).call_one(event))
+
+    assert seen == [[event], event]
+
+
+def _row(headers: str, appended_at: str) -> tuple[Any, ...]:
+    return (1, "forge.vote.cast", 0, None, b"{}", headers, appended_at)
+
+
+def test_row_headers_converted_to_strings() -> None:
+    record = row_to_record(_row('{"event_id": 5, "event_type": "vote.cast"}', "2025-01-01"))
+
+    assert record.headers == {"event_id": "5", "event_type": "vote.cast"}
+
+
+@pytest.mark.parametrize("headers", ["not json", "[1, 2]", "null", '"text"'])
+def test_row_with_broken_headers_has_none(headers: str) -> None:
+    assert row_to_record(_row(headers, "2025-01-01T00:00:00+00:00")).headers == {}
+
+
+def test_rows_of_one_fetch_get_their_own_times() -> None:
+    times = ["2025-01-01T00:00:00+00:00", "2025-01-01T00:00:00+00:00", "2025-02-01T00:00:00+00:00"]
+
+    records = rows_to_records([_row("{}", appended_at) for appended_at in times])
+
+    assert [record.timestamp for record in records] == [
+        datetime.fromisoformat(appended_at) for appended_at in times
+    ]
+
+
+class _Keys:
+    def __init__(self) -> None:
+        self.keys: dict[UUID, bytes | None] = {}
+
+    async def key_for(self, subject_id: UUID, *, create: bool) -> bytes | None:
+        if subject_id not in self.keys and create:
+            self.keys[subject_id] = bytes(range(32))
+        return self.keys.get(subject_id)
+
+    async def forget(self, subject_id: UUID) -> bool:
+        self.keys[subject_id] = None
+        return True
+
+
+def test_sealing_changes_only_personal_fields() -> None:
+    event = UserAuthenticatedEvent.create(
+        uuid4(), "10.1.2.3", "curl/8.0", correlation_id=uuid4(), metadata={"source": "api"}
+    )
+    protector = PersonalDataProtector(_Keys())
+
+    sealed = asyncio.run(protector.seal(event))
+    revealed = asyncio.run(protector.reveal(sealed))
+
+    unchanged = {"data", "timestamp"}
+    assert {k: v for k, v in sealed if k not in unchanged} == {
+        k: v for k, v in event if k not in unchanged
+    }
+    assert sealed.timestamp == event.timestamp
+    assert sealed.data.method == event.data.method
+    assert str(sealed.data.ip_address).startswith("sealed:v1:")
+    assert parse_event(sealed.to_json()) == sealed
+    assert revealed == event
+
+
+def test_sealing_for_anonymized_user_drops_personal_fields() -> None:
+    keys = _Keys()
+    event = UserAuthenticatedEvent.create(uuid4(), "10.1.2.3", "curl/8.0")
+    asyncio.run(keys.forget(event.resource_id))  # type: ignore[arg-type]
+
+    sealed = asyncio.run(PersonalDataProtector(keys).seal(event))
+
+    assert sealed.data.ip_address is None
+    assert sealed.data.user_agent is None
+    assert sealed.id == event.id
