@@ -308,19 +308,16 @@ class KafkaEventConsumer(HandlerRegistrations):
         if not batches:
             return worked
 
-        raw_records: dict[tuple[str, int, int], Any] = {}
-        per_partition: list[list[LogRecord]] = []
-        for tp in sorted(batches):
-            per_partition.append([to_log_record(message) for message in batches[tp]])
-            for message in batches[tp]:
-                raw_records[(message.topic, message.partition, message.offset)] = message
+        per_partition = [
+            [to_log_record(message) for message in batches[tp]] for tp in sorted(batches)
+        ]
         # Each event type has its own topic, so Kafka orders one resource's events only within
         # a type. Merging the fetched partitions by event time keeps each partition's order and
         # hands over a resource's created, updated and deleted events in the order they
         # happened, as far as they arrive in the same fetch.
         records = list(heapq.merge(*per_partition, key=_event_time))
         logger.debug("records_fetched", group_id=self._group_id, records=len(records))
-        await self._handle_keeping_membership(consumer, records, raw_records)
+        await self._handle_keeping_membership(consumer, records, batches)
         return True
 
     async def drain(self, timeout: float = 30.0) -> int:
@@ -492,10 +489,13 @@ class KafkaEventConsumer(HandlerRegistrations):
         self,
         consumer: AIOKafkaConsumer,
         records: list[LogRecord],
-        raw_records: Mapping[tuple[str, int, int], Any],
+        fetched: Mapping[TopicPartition, list[Any]],
     ) -> None:
-        """Handle a batch in a task, polling with paused partitions while it runs."""
-        task = asyncio.create_task(self._handle_batch(consumer, records, raw_records))
+        """Handle a batch in a task, polling with paused partitions while it runs.
+
+        `fetched` contains aiokafka's records of the batch by partition, for the dead letters.
+        """
+        task = asyncio.create_task(self._handle_batch(consumer, records, fetched))
         self._batch_task = task
         paused: list[TopicPartition] = []
         try:
@@ -540,7 +540,7 @@ class KafkaEventConsumer(HandlerRegistrations):
         self,
         consumer: AIOKafkaConsumer,
         records: list[LogRecord],
-        raw_records: Mapping[tuple[str, int, int], Any],
+        fetched: Mapping[TopicPartition, list[Any]],
     ) -> None:
         result = await self._dispatcher.dispatch(records)
         letters = result.dead_letters
@@ -556,7 +556,7 @@ class KafkaEventConsumer(HandlerRegistrations):
         park_error: ForgeError | None = None
         if letters:
             try:
-                await self._park(letters, raw_records)
+                await self._park(letters, fetched)
             except ForgeError as error:
                 # A record whose dead letter was not written is neither handled nor parked, so
                 # its partition must not be committed past it.
@@ -576,11 +576,21 @@ class KafkaEventConsumer(HandlerRegistrations):
 
         finished = 0
         next_offsets: dict[TopicPartition, int] = {}
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            if record.offset < first_unfinished.get(tp, record.offset + 1):
-                next_offsets[tp] = record.offset + 1
-                finished += 1
+        if first_unfinished:
+            for record in records:
+                tp = TopicPartition(record.topic, record.partition)
+                if record.offset < first_unfinished.get(tp, record.offset + 1):
+                    next_offsets[tp] = record.offset + 1
+                    finished += 1
+        else:
+            # The usual case: every record is finished, and each partition's records are in offset
+            # order, so the last one of each partition gives its next offset.
+            last_offsets = {(record.topic, record.partition): record.offset for record in records}
+            next_offsets = {
+                TopicPartition(topic, partition): offset + 1
+                for (topic, partition), offset in last_offsets.items()
+            }
+            finished = len(records)
         self.handled_count += finished
         if park_error is None:
             self.parked_count += len(letters)
@@ -595,7 +605,7 @@ class KafkaEventConsumer(HandlerRegistrations):
             raise park_error
 
     async def _park(
-        self, letters: Sequence[DeadLetter], raw_records: Mapping[tuple[str, int, int], Any]
+        self, letters: Sequence[DeadLetter], fetched: Mapping[TopicPartition, list[Any]]
     ) -> None:
         """Write letters to the dead-letter topic, then to the store when there is one.
 
@@ -609,6 +619,12 @@ class KafkaEventConsumer(HandlerRegistrations):
                 "The dead-letter producer is not connected, so the records are delivered again."
             )
         parked_at = datetime.now(UTC).isoformat()
+        # Built only here, because most batches park nothing.
+        raw_records = {
+            (message.topic, message.partition, message.offset): message
+            for messages in fetched.values()
+            for message in messages
+        }
         outgoing = [
             _dead_letter_record(letter, raw_records.get(_position(letter)), parked_at)
             for letter in letters
