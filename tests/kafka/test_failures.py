@@ -18,6 +18,7 @@ from pathlib import Path
 from uuid import UUID, uuid4
 
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 
 from forge.config import ForgeSettings
 from forge.infrastructure.kafka.consumer import KafkaEventConsumer
@@ -76,6 +77,26 @@ def members() -> Iterator[list[Member]]:
         member.kill()
 
 
+_PARTITIONER = DefaultPartitioner()
+"""The partitioner `KafkaEventProducer` uses, to pick keys that land on chosen partitions."""
+
+
+def _capsules_on_every_partition(partitions: int, per_partition: int) -> list[UUID]:
+    """Return capsule ids that Kafka's default partitioner spreads `per_partition` to each.
+
+    With random ids, one partition got none about once in 40 runs, and the member that owned
+    only that partition had nothing to handle.
+    """
+    every = list(range(partitions))
+    chosen: dict[int, list[UUID]] = defaultdict(list)
+    while any(len(chosen[partition]) < per_partition for partition in every):
+        capsule_id = uuid4()
+        partition = int(_PARTITIONER(str(capsule_id).encode(), every, every))
+        if len(chosen[partition]) < per_partition:
+            chosen[partition].append(capsule_id)
+    return [capsule_id for partition in every for capsule_id in chosen[partition]]
+
+
 def _updates(capsules: list[UUID], versions: range) -> list[CapsuleUpdatedEvent]:
     return [
         capsule_updated(capsule_id, version, f"v{version}")
@@ -97,7 +118,7 @@ async def test_killed_member_partitions_taken_over(
         "both members own partitions",
         seconds=45,
     )
-    capsules = [uuid4() for _ in range(9)]
+    capsules = _capsules_on_every_partition(settings.kafka_topic_partitions, 3)
     sent = _updates(capsules, range(1, 11))
     async with KafkaEventProducer(settings=settings) as producer:
         await producer.publish_batch(sent)
