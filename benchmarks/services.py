@@ -57,6 +57,18 @@ class Server:
         return self._run("status", STATUS_TIMEOUT_SECONDS).returncode == 0
 
     def start(self) -> None:
+        """Start the server from an empty data folder.
+
+        Raises:
+            ServiceError: the server is already running (its data folder is left alone), or
+                the script failed.
+        """
+        if self.is_running():
+            # Emptying the folder under a running server made it fail at its next write.
+            raise ServiceError(
+                f"the server at {self.endpoint} is already running; stop it with "
+                f"scripts/{self.script} stop, or use it as it is"
+            )
         # The data folder is the benchmarks' own: starting from an empty one gives every run
         # fresh topics and tables, whose sizes the benchmarks then know.
         shutil.rmtree(self.data_dir, ignore_errors=True)
