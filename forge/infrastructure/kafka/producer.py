@@ -16,6 +16,8 @@ Delivery guarantees, with the settings chosen in `KafkaEventProducer.__init__`:
 from __future__ import annotations
 
 import asyncio
+import functools
+import struct
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -61,7 +63,12 @@ REQUEST_TIMEOUT_MS = 30_000
 """Maximum wait for an acknowledgement. A publish while the broker is down fails after it."""
 
 _PARTITIONER = DefaultPartitioner()
-"""Kafka's default key partitioner (murmur2), as `AIOKafkaProducer.send` uses it."""
+"""Kafka's default partitioner, as `AIOKafkaProducer.send` uses it; here only for records
+without a key, which it spreads at random. Keys go through `partition_of_key`."""
+
+_MASK_32 = 0xFFFFFFFF
+_MURMUR2_SEED = 0x9747B28C
+_MURMUR2_MULTIPLIER = 0x5BD1E995
 
 _PARTITION_CACHE_SIZE = 100_000
 """Keys whose partition is remembered; murmur2 is pure Python in aiokafka 0.14."""
@@ -313,10 +320,16 @@ class KafkaEventProducer:
         """
         failed: dict[Any, BaseException] = {}
         by_partition: dict[tuple[str, int], list[tuple[_Outgoing, bytes | None]]] = {}
+        # Asked once per topic and call, not per record: each ask is a coroutine and a sort.
+        partitions_of: dict[str, list[int]] = {}
         for item in outgoing:
             key = item.key.encode("utf-8") if item.key is not None else None
             try:
-                partition = await self._partition_for(producer, item.topic, key)
+                partitions = partitions_of.get(item.topic)
+                if partitions is None:
+                    partitions = sorted(await producer.partitions_for(item.topic))
+                    partitions_of[item.topic] = partitions
+                partition = self._partition_for(item.topic, partitions, key)
             except KafkaError as error:
                 failed[item.report_id] = _publish_error(
                     f"Event {item.report_id} was not sent to {item.topic}", error
@@ -357,20 +370,17 @@ class KafkaEventProducer:
                     )
         return failed
 
-    async def _partition_for(
-        self, producer: AIOKafkaProducer, topic: str, key: bytes | None
-    ) -> int:
-        partitions = sorted(await producer.partitions_for(topic))
-        if key is not None:
-            cache_key = (topic, len(partitions), key)
-            cached = self._partition_cache.get(cache_key)
-            if cached is not None:
-                return cached
-        partition = int(_PARTITIONER(key, partitions, partitions))
-        if key is not None:
-            if len(self._partition_cache) > _PARTITION_CACHE_SIZE:
-                self._partition_cache.clear()
-            self._partition_cache[cache_key] = partition
+    def _partition_for(self, topic: str, partitions: list[int], key: bytes | None) -> int:
+        if key is None:
+            return int(_PARTITIONER(key, partitions, partitions))
+        cache_key = (topic, len(partitions), key)
+        cached = self._partition_cache.get(cache_key)
+        if cached is not None:
+            return cached
+        partition = partition_of_key(key, partitions)
+        if len(self._partition_cache) > _PARTITION_CACHE_SIZE:
+            self._partition_cache.clear()
+        self._partition_cache[cache_key] = partition
         return partition
 
     @staticmethod
@@ -386,6 +396,44 @@ class KafkaEventProducer:
             future = asyncio.get_running_loop().create_future()
             future.set_exception(error)
         return future
+
+
+def murmur2(data: bytes) -> int:
+    """Return the 32-bit murmur2 hash of `data`, as Kafka's Java client computes it.
+
+    The same result as `aiokafka.partitioner.murmur2` in half the time. That one reads the key
+    byte by byte and masks every step: about 5.5 µs for a 36-byte id, a sixth of the publish
+    time per event.
+    """
+    length = len(data)
+    multiplier = _MURMUR2_MULTIPLIER
+    hashed = _MURMUR2_SEED ^ length
+    for word in _words_of(length >> 2).unpack_from(data):
+        word = (word * multiplier) & _MASK_32
+        word ^= word >> 24
+        hashed = ((hashed * multiplier) & _MASK_32) ^ ((word * multiplier) & _MASK_32)
+    remainder = length & 3
+    if remainder:
+        base = length - remainder
+        if remainder == 3:
+            hashed ^= data[base + 2] << 16
+        if remainder >= 2:
+            hashed ^= data[base + 1] << 8
+        hashed ^= data[base]
+        hashed = (hashed * multiplier) & _MASK_32
+    hashed ^= hashed >> 13
+    hashed = (hashed * multiplier) & _MASK_32
+    return hashed ^ (hashed >> 15)
+
+
+@functools.cache
+def _words_of(count: int) -> struct.Struct:
+    return struct.Struct(f"<{count}I")
+
+
+def partition_of_key(key: bytes, partitions: Sequence[int]) -> int:
+    """Return the partition Kafka's default partitioner picks for `key` among `partitions`."""
+    return partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
 
 
 def _outgoing(encoded: EncodedEvent) -> _Outgoing:
