@@ -6,6 +6,7 @@ Usage: benchmarks/run [--smoke] [--only GROUP,...] [--runs N] [--json PATH]
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -76,7 +77,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-provision",
         action="store_true",
-        help="do not start the Kafka broker or PostgreSQL server; use running ones or skip",
+        help="start no server: the Kafka and PostgreSQL rows use servers that an earlier run "
+        "left running, or report ERROR",
     )
     return parser.parse_args(argv)
 
@@ -85,8 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parse_arguments(argv)
     groups = [group.strip() for group in arguments.only.split(",") if group.strip()]
     unknown = sorted(set(groups) - set(GROUPS))
-    if unknown:
-        print(f"unknown group(s) {', '.join(unknown)}; use {', '.join(GROUPS)}", file=sys.stderr)
+    if unknown or not groups:
+        named = f"unknown group(s) {', '.join(unknown)}" if unknown else "no group given"
+        print(f"{named}; use {', '.join(GROUPS)}", file=sys.stderr)
+        return 2
+    report_path: Path = arguments.json.resolve()
+    problem = _unwritable(report_path)
+    if problem is not None:
+        print(
+            f"cannot write the report to {report_path}: {problem}; pass another --json PATH",
+            file=sys.stderr,
+        )
         return 2
     scale = SMOKE if arguments.smoke else FULL
     if arguments.runs is not None:
@@ -96,16 +107,47 @@ def main(argv: list[str] | None = None) -> int:
         scale = Scale(**{**scale.__dict__, "runs": arguments.runs})
 
     configure_logging("WARNING")
-    rows = run_groups(groups, scale, provision=not arguments.no_provision)
+    # SIGTERM, as sent by `timeout` or a CI runner, unwinds like Ctrl-C, so that the servers
+    # this run started are stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        rows = run_groups(groups, scale, provision=not arguments.no_provision)
+    except KeyboardInterrupt:
+        print("interrupted; the servers this run started were stopped", file=sys.stderr)
+        return 130
     for row in rows:
         row.evaluate()
 
     mode = "smoke" if arguments.smoke else "full"
     print(f"Forge benchmarks ({mode}, {scale.runs} run(s) each)")
     print(render_table(rows))
-    write_report(arguments.json, rows, mode, scale.runs)
-    print(f"\nJSON report: {arguments.json}")
+    try:
+        write_report(report_path, rows, mode, scale.runs)
+    except OSError as error:
+        print(f"\nThe JSON report was not written: {error}", file=sys.stderr)
+        return 1
+    print(f"\nJSON report: {report_path}")
     return 1 if any(row.status == ERROR for row in rows) else 0
+
+
+def _unwritable(path: Path) -> str | None:
+    """Return why a report cannot be written to `path`, or None when it can.
+
+    It opens the file for appending, as the only reliable check: permission bits do not tell
+    whether root may create a file in, say, /sys. A file created by the check is removed.
+    """
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("ab"):
+            pass
+    except FileExistsError as error:
+        return f"{error.filename} is a file"
+    except OSError as error:
+        return error.strerror or str(error)
+    if not existed:
+        path.unlink()
+    return None
 
 
 if __name__ == "__main__":

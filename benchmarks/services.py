@@ -2,9 +2,10 @@
 
 The benchmarks use servers of their own, started through the repository's scripts on
 127.0.0.1 with their own ports and data folders, so that they neither disturb nor see the
-servers that tests use. A server that this module started is stopped when its block ends. A
-server that was already running, for example one left by an interrupted run, is used and left
-running.
+servers that tests use. A server that this module started is stopped when its block ends,
+also when starting it was interrupted. A server that runs from these data folders, for example
+one left by an interrupted run, is used and left running. Any other process on these ports is
+reported as an error, because the benchmarks empty and reuse their data folders.
 
 Environment variables:
   FORGE_BENCH_KAFKA_PORT     broker port (default 19092; the controller uses the next port)
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +43,8 @@ class Server:
     data_dir: Path
     endpoint: str
     """Bootstrap address of the broker, or DSN of the database."""
+    port_variable: str
+    """The environment variable that sets the port."""
 
     def _run(self, command: str, timeout: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -52,9 +56,26 @@ class Server:
             env={**os.environ, **self.environment},
         )
 
+    @property
+    def port(self) -> int:
+        return int(self.endpoint.rsplit(":", 1)[1].split("/", 1)[0])
+
     def is_running(self) -> bool:
         """Return whether the script's `status` reports the server as up."""
         return self._run("status", STATUS_TIMEOUT_SECONDS).returncode == 0
+
+    def port_taken(self) -> bool:
+        """Return whether some process accepts connections on the server's port."""
+        with socket.socket() as probe:
+            probe.settimeout(1.0)
+            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def foreign_server_error(self) -> ServiceError:
+        """Return the error for a port taken by a process not run from this data folder."""
+        return ServiceError(
+            f"127.0.0.1:{self.port} is taken by a process that the benchmarks did not start "
+            f"from {self.data_dir}; stop it, or set {self.port_variable} to a free port"
+        )
 
     def start(self) -> None:
         """Start the server from an empty data folder.
@@ -105,6 +126,7 @@ def kafka_server() -> Server:
         },
         data_dir,
         f"127.0.0.1:{port}",
+        "FORGE_BENCH_KAFKA_PORT",
     )
 
 
@@ -121,6 +143,7 @@ def postgres_server() -> Server:
         data_dir,
         # The script creates this role and database with this password.
         f"postgresql://forge:forge@127.0.0.1:{port}/forge",
+        "FORGE_BENCH_PG_PORT",
     )
 
 
@@ -134,13 +157,18 @@ def provisioned(server: Server, *, start: bool) -> Iterator[Server]:
     if server.is_running():
         yield server
         return
+    if server.port_taken():
+        raise server.foreign_server_error()
     if not start:
         raise ServiceError(
-            f"no server responds at {server.endpoint} and --no-provision was given; start it "
-            f"with scripts/{server.script} start"
+            f"no server runs from {server.data_dir} and --no-provision was given; run once "
+            "without --no-provision, or start one with "
+            + " ".join(f"{name}={value}" for name, value in server.environment.items())
+            + f" scripts/{server.script} start"
         )
-    server.start()
     try:
+        server.start()
         yield server
     finally:
+        # Also after an interrupted start: the script may have launched the server already.
         server.stop()
