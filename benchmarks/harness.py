@@ -127,12 +127,14 @@ class Row:
 # Formatting ------------------------------------------------------------------------------------
 
 
-def _number(value: float, unit: str) -> str:
-    if unit == "events/s":
-        return f"{value:,.0f}"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.2f}"
+def _decimals(value: float, unit: str) -> int:
+    return 0 if unit == "events/s" or abs(value) >= 100 else 2
+
+
+def _number(value: float, unit: str, decimals: int | None = None) -> str:
+    if decimals is None:
+        decimals = _decimals(value, unit)
+    return f"{value:,.{decimals}f}"
 
 
 def _spread(summary: Summary | None, unit: str) -> str:
@@ -140,9 +142,11 @@ def _spread(summary: Summary | None, unit: str) -> str:
         return "-"
     if len(summary.runs) == 1:
         return f"{_number(summary.median, unit)} {unit}"
+    # The median's precision for all three, so that a spread reads 9.36-126.00, not 9.36-126.
+    decimals = _decimals(summary.median, unit)
     return (
-        f"{_number(summary.median, unit)} {unit} "
-        f"[{_number(summary.min, unit)}-{_number(summary.max, unit)}]"
+        f"{_number(summary.median, unit, decimals)} {unit} "
+        f"[{_number(summary.min, unit, decimals)}-{_number(summary.max, unit, decimals)}]"
     )
 
 
