@@ -24,8 +24,25 @@ GROUPS = ("embedded", "replay", "memory", "kafka", "postgres")
 DEFAULT_REPORT = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
+class _Interruption:
+    """Records a SIGTERM or Ctrl-C, because the KeyboardInterrupt it raises can be lost.
+
+    Python prints and drops an exception raised inside a weakref callback, so a run could go
+    on and exit 0. The flag is checked again before each group and at the end.
+    """
+
+    requested = False
+
+    @classmethod
+    def handle(cls, signum: int, frame: object) -> None:
+        cls.requested = True
+        raise KeyboardInterrupt
+
+
 def _guarded(name: str, function: Callable[[], list[Row]]) -> list[Row]:
     """Run one benchmark; turn an exception into an ERROR row so the others still run."""
+    if _Interruption.requested:
+        raise KeyboardInterrupt
     started = time.monotonic()
     print(f"running {name} ...", file=sys.stderr, flush=True)
     try:
@@ -91,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         named = f"unknown group(s) {', '.join(unknown)}" if unknown else "no group given"
         print(f"{named}; use {', '.join(GROUPS)}", file=sys.stderr)
         return 2
+    scale = SMOKE if arguments.smoke else FULL
+    if arguments.runs is not None:
+        if arguments.runs < 1:
+            print(f"--runs must be at least 1, got {arguments.runs}", file=sys.stderr)
+            return 2
+        scale = Scale(**{**scale.__dict__, "runs": arguments.runs})
+
     report_path: Path = arguments.json.resolve()
     problem = _unwritable(report_path)
     if problem is not None:
@@ -99,20 +123,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    scale = SMOKE if arguments.smoke else FULL
-    if arguments.runs is not None:
-        if arguments.runs < 1:
-            print(f"--runs must be at least 1, got {arguments.runs}", file=sys.stderr)
-            return 2
-        scale = Scale(**{**scale.__dict__, "runs": arguments.runs})
 
     configure_logging("WARNING")
     # SIGTERM, as sent by `timeout` or a CI runner, unwinds like Ctrl-C, so that the servers
-    # this run started are stopped.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # this run started are stopped. Both also set the flag that `_Interruption` describes.
+    signal.signal(signal.SIGINT, _Interruption.handle)
+    signal.signal(signal.SIGTERM, _Interruption.handle)
     try:
         rows = run_groups(groups, scale, provision=not arguments.no_provision)
     except KeyboardInterrupt:
+        _Interruption.requested = True
+    if _Interruption.requested:
         print("interrupted; the servers this run started were stopped", file=sys.stderr)
         return 130
     for row in rows:
@@ -136,6 +157,11 @@ def _unwritable(path: Path) -> str | None:
     It opens the file for appending, as the only reliable check: permission bits do not tell
     whether root may create a file in, say, /sys. A file created by the check is removed.
     """
+    if path.is_dir():
+        return "it is a folder"
+    if path.exists() and not path.is_file():
+        # Opening a named pipe would wait for a reader.
+        return "it is not a regular file"
     existed = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -142,8 +142,9 @@ def _spread(summary: Summary | None, unit: str) -> str:
         return "-"
     if len(summary.runs) == 1:
         return f"{_number(summary.median, unit)} {unit}"
-    # The median's precision for all three, so that a spread reads 9.36-126.00, not 9.36-126.
-    decimals = _decimals(summary.median, unit)
+    # One precision for all three, the finest any of them needs, so that a spread reads
+    # 9.36-126.00, not 9.36-126.
+    decimals = max(_decimals(value, unit) for value in (summary.min, summary.median, summary.max))
     return (
         f"{_number(summary.median, unit, decimals)} {unit} "
         f"[{_number(summary.min, unit, decimals)}-{_number(summary.max, unit, decimals)}]"

@@ -45,6 +45,8 @@ class Server:
     """Bootstrap address of the broker, or DSN of the database."""
     port_variable: str
     """The environment variable that sets the port."""
+    extra_ports: tuple[int, ...] = ()
+    """Other ports the server listens on, such as the KRaft controller's."""
 
     def _run(self, command: str, timeout: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -64,17 +66,25 @@ class Server:
         """Return whether the script's `status` reports the server as up."""
         return self._run("status", STATUS_TIMEOUT_SECONDS).returncode == 0
 
-    def port_taken(self) -> bool:
-        """Return whether some process accepts connections on the server's port."""
-        with socket.socket() as probe:
-            probe.settimeout(1.0)
-            return probe.connect_ex(("127.0.0.1", self.port)) == 0
+    def taken_port(self) -> int | None:
+        """Return a port of the server on which some process accepts connections, if any."""
+        for port in (self.port, *self.extra_ports):
+            with socket.socket() as probe:
+                probe.settimeout(1.0)
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    return port
+        return None
 
-    def foreign_server_error(self) -> ServiceError:
+    def foreign_server_error(self, port: int) -> ServiceError:
         """Return the error for a port taken by a process not run from this data folder."""
+        others = (
+            f" (the server also listens on {', '.join(map(str, self.extra_ports))}, which "
+            "follows from that variable)"
+        )
         return ServiceError(
-            f"127.0.0.1:{self.port} is taken by a process that the benchmarks did not start "
+            f"127.0.0.1:{port} is taken by a process that the benchmarks did not start "
             f"from {self.data_dir}; stop it, or set {self.port_variable} to a free port"
+            + (others if self.extra_ports else "")
         )
 
     def start(self) -> None:
@@ -127,6 +137,7 @@ def kafka_server() -> Server:
         data_dir,
         f"127.0.0.1:{port}",
         "FORGE_BENCH_KAFKA_PORT",
+        (port + 1,),
     )
 
 
@@ -157,8 +168,9 @@ def provisioned(server: Server, *, start: bool) -> Iterator[Server]:
     if server.is_running():
         yield server
         return
-    if server.port_taken():
-        raise server.foreign_server_error()
+    taken = server.taken_port()
+    if taken is not None:
+        raise server.foreign_server_error(taken)
     if not start:
         raise ServiceError(
             f"no server runs from {server.data_dir} and --no-provision was given; run once "
