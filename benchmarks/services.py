@@ -45,8 +45,8 @@ class Server:
     """Bootstrap address of the broker, or DSN of the database."""
     port_variable: str
     """The environment variable that sets the port."""
-    extra_ports: tuple[int, ...] = ()
-    """Other ports the server listens on, such as the KRaft controller's."""
+    ports: tuple[int, ...]
+    """The ports the server listens on: its own first, then others such as the controller's."""
 
     def _run(self, command: str, timeout: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -58,17 +58,13 @@ class Server:
             env={**os.environ, **self.environment},
         )
 
-    @property
-    def port(self) -> int:
-        return int(self.endpoint.rsplit(":", 1)[1].split("/", 1)[0])
-
     def is_running(self) -> bool:
         """Return whether the script's `status` reports the server as up."""
         return self._run("status", STATUS_TIMEOUT_SECONDS).returncode == 0
 
     def taken_port(self) -> int | None:
         """Return a port of the server on which some process accepts connections, if any."""
-        for port in (self.port, *self.extra_ports):
+        for port in self.ports:
             with socket.socket() as probe:
                 probe.settimeout(1.0)
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
@@ -77,15 +73,14 @@ class Server:
 
     def foreign_server_error(self, port: int) -> ServiceError:
         """Return the error for a port taken by a process not run from this data folder."""
-        others = (
-            f" (the server also listens on {', '.join(map(str, self.extra_ports))}, which "
-            "follows from that variable)"
-        )
-        return ServiceError(
+        message = (
             f"127.0.0.1:{port} is taken by a process that the benchmarks did not start "
             f"from {self.data_dir}; stop it, or set {self.port_variable} to a free port"
-            + (others if self.extra_ports else "")
         )
+        if len(self.ports) > 1:
+            others = ", ".join(map(str, self.ports[1:]))
+            message += f" (the server also listens on {others}, which follows from that variable)"
+        return ServiceError(message)
 
     def start(self) -> None:
         """Start the server from an empty data folder.
@@ -137,7 +132,7 @@ def kafka_server() -> Server:
         data_dir,
         f"127.0.0.1:{port}",
         "FORGE_BENCH_KAFKA_PORT",
-        (port + 1,),
+        (port, port + 1),
     )
 
 
@@ -155,6 +150,7 @@ def postgres_server() -> Server:
         # The script creates this role and database with this password.
         f"postgresql://forge:forge@127.0.0.1:{port}/forge",
         "FORGE_BENCH_PG_PORT",
+        (port,),
     )
 
 
@@ -168,9 +164,9 @@ def provisioned(server: Server, *, start: bool) -> Iterator[Server]:
     if server.is_running():
         yield server
         return
-    taken = server.taken_port()
-    if taken is not None:
-        raise server.foreign_server_error(taken)
+    busy_port = server.taken_port()
+    if busy_port is not None:
+        raise server.foreign_server_error(busy_port)
     if not start:
         raise ServiceError(
             f"no server runs from {server.data_dir} and --no-provision was given; run once "

@@ -32,6 +32,20 @@ async def publish_around_poison(backend: Any) -> list[Event[Any]]:
     return events
 
 
+async def park_one(backend: Any, error: Exception, event: Event[Any] | None = None) -> Any:
+    """Publish `event` (a new capsule by default) and park it in group `search`.
+
+    Its `indexer` handler always raises `error`. Returns the started consumer.
+    """
+    await backend.publisher.publish(event or capsule_created())
+    failing, _ = failing_handler(error)
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, failing, name="indexer")
+    await consumer.start()
+    await consumer.drain()
+    return consumer
+
+
 async def test_failing_handler_parks_event(backend: Any) -> None:
     before, poison, after = await publish_around_poison(backend)
     indexer, calls = failing_handler(RuntimeError("index shard 3 is read-only"), fail_for=is_poison)
@@ -208,12 +222,7 @@ async def test_retry_goes_to_failed_handler_only(backend: Any) -> None:
 
 
 async def test_failed_retry_parks_letter_again(backend: Any) -> None:
-    await backend.publisher.publish(capsule_created())
-    failing, _ = failing_handler(ConnectionError("search index unreachable"))
-    consumer = backend.make_consumer("search")
-    consumer.register_handler(EventType.CAPSULE_CREATED, failing, name="indexer")
-    await consumer.start()
-    await consumer.drain()
+    consumer = await park_one(backend, ConnectionError("search index unreachable"))
 
     await backend.dead_letters.request_retry(group_id="search")
     await consumer.drain()
@@ -224,12 +233,7 @@ async def test_failed_retry_parks_letter_again(backend: Any) -> None:
 
 
 async def test_retry_request_counts_parked_only(backend: Any) -> None:
-    await backend.publisher.publish(capsule_created())
-    failing, _ = failing_handler(RuntimeError("read-only"))
-    consumer = backend.make_consumer("search")
-    consumer.register_handler(EventType.CAPSULE_CREATED, failing, name="indexer")
-    await consumer.start()
-    await consumer.drain()
+    await park_one(backend, RuntimeError("read-only"))
 
     first = await backend.dead_letters.request_retry(group_id="search")
     second = await backend.dead_letters.request_retry(group_id="search")
@@ -239,12 +243,7 @@ async def test_retry_request_counts_parked_only(backend: Any) -> None:
 
 
 async def test_letters_filtered_by_status(backend: Any) -> None:
-    await backend.publisher.publish(capsule_created())
-    failing, _ = failing_handler(RuntimeError("read-only"))
-    consumer = backend.make_consumer("search")
-    consumer.register_handler(EventType.CAPSULE_CREATED, failing, name="indexer")
-    await consumer.start()
-    await consumer.drain()
+    await park_one(backend, RuntimeError("read-only"))
 
     await backend.dead_letters.request_retry(group_id="search")
 
@@ -256,13 +255,8 @@ async def test_letters_filtered_by_status(backend: Any) -> None:
 
 async def test_letter_keeps_original_record(backend: Any) -> None:
     event = capsule_created()
-    await backend.publisher.publish(event)
-    failing, _ = failing_handler(RuntimeError("read-only"))
-    consumer = backend.make_consumer("search")
-    consumer.register_handler(EventType.CAPSULE_CREATED, failing, name="indexer")
 
-    await consumer.start()
-    await consumer.drain()
+    await park_one(backend, RuntimeError("read-only"), event)
 
     [letter] = await backend.dead_letters.list(group_id="search")
     assert letter.value == event.to_json()

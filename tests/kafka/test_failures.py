@@ -18,11 +18,10 @@ from pathlib import Path
 from uuid import UUID, uuid4
 
 import pytest
-from aiokafka.partitioner import DefaultPartitioner
 
 from forge.config import ForgeSettings
 from forge.infrastructure.kafka.consumer import KafkaEventConsumer
-from forge.infrastructure.kafka.producer import KafkaEventProducer
+from forge.infrastructure.kafka.producer import KafkaEventProducer, partition_of_key
 from forge.models.events import CapsuleUpdatedEvent, EventType, topic_for
 from tests.helpers import Recorder, capsule_created, capsule_updated, wait_until
 from tests.kafka.conftest import (
@@ -77,10 +76,6 @@ def members() -> Iterator[list[Member]]:
         member.kill()
 
 
-_PARTITIONER = DefaultPartitioner()
-"""The partitioner `KafkaEventProducer` uses, to pick keys that land on chosen partitions."""
-
-
 def _capsules_on_every_partition(partitions: int, per_partition: int) -> list[UUID]:
     """Return capsule ids that Kafka's default partitioner spreads `per_partition` to each.
 
@@ -91,7 +86,7 @@ def _capsules_on_every_partition(partitions: int, per_partition: int) -> list[UU
     chosen: dict[int, list[UUID]] = defaultdict(list)
     while any(len(chosen[partition]) < per_partition for partition in every):
         capsule_id = uuid4()
-        partition = int(_PARTITIONER(str(capsule_id).encode(), every, every))
+        partition = partition_of_key(str(capsule_id).encode(), every)
         if len(chosen[partition]) < per_partition:
             chosen[partition].append(capsule_id)
     return [capsule_id for partition in every for capsule_id in chosen[partition]]

@@ -576,21 +576,11 @@ class KafkaEventConsumer(HandlerRegistrations):
 
         finished = 0
         next_offsets: dict[TopicPartition, int] = {}
-        if first_unfinished:
-            for record in records:
-                tp = TopicPartition(record.topic, record.partition)
-                if record.offset < first_unfinished.get(tp, record.offset + 1):
-                    next_offsets[tp] = record.offset + 1
-                    finished += 1
-        else:
-            # The usual case: every record is finished, and each partition's records are in offset
-            # order, so the last one of each partition gives its next offset.
-            last_offsets = {(record.topic, record.partition): record.offset for record in records}
-            next_offsets = {
-                TopicPartition(topic, partition): offset + 1
-                for (topic, partition), offset in last_offsets.items()
-            }
-            finished = len(records)
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            if record.offset < first_unfinished.get(tp, record.offset + 1):
+                next_offsets[tp] = record.offset + 1
+                finished += 1
         self.handled_count += finished
         if park_error is None:
             self.parked_count += len(letters)

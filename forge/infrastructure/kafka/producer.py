@@ -426,7 +426,7 @@ def murmur2(data: bytes) -> int:
     return hashed ^ (hashed >> 15)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def _words_of(count: int) -> struct.Struct:
     return struct.Struct(f"<{count}I")
 
