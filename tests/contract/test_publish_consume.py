@@ -272,6 +272,32 @@ async def test_handler_events_caused_by_trigger(backend: Any) -> None:
     assert recorder.events[0].correlation_id == trigger.id
 
 
+async def test_drain_handles_events_its_handlers_publish(backend: Any) -> None:
+    trigger = capsule_created()
+    await backend.publisher.publish(trigger)
+    recorder = Recorder()
+    hops = 5
+
+    async def announce(event: Event[Any]) -> None:
+        await backend.events.overlay_invoked(uuid4(), "indexer", "index", 3.5, True)
+
+    async def relay(event: Event[Any]) -> None:
+        # Each hop publishes the next, so most are written after drain() began.
+        await recorder(event)
+        if len(recorder.events) < hops:
+            await backend.events.overlay_invoked(uuid4(), "indexer", "index", 3.5, True)
+
+    consumer = backend.make_consumer("chain")
+    consumer.register_handler(EventType.CAPSULE_CREATED, announce)
+    consumer.register_handler(EventType.OVERLAY_INVOKED, relay)
+    await consumer.start()
+    handled = await consumer.drain()
+
+    assert handled == 1 + hops
+    assert len(recorder.events) == hops
+    assert recorder.events[0].causation_id == trigger.id
+
+
 async def test_batch_handler_gets_events_in_order(backend: Any) -> None:
     published = capsule_history()
     await backend.publisher.publish_batch(published)

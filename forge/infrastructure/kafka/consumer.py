@@ -351,13 +351,16 @@ class KafkaEventConsumer(HandlerRegistrations):
             if new_partitions:
                 targets.update(await consumer.end_offsets(new_partitions))
                 continue
-            caught_up = True
-            for tp, end in targets.items():
-                if tp in assignment and await consumer.position(tp) < end:
-                    caught_up = False
-                    break
-            if caught_up and not worked:
-                return self.handled_count - handled_before
+            if await _caught_up(consumer, targets, assignment):
+                if not worked:
+                    return self.handled_count - handled_before
+                # Handlers may have published more records meanwhile. Asking for the end
+                # offsets again takes one request, while another poll would wait
+                # FETCH_TIMEOUT_MS for records that are not there.
+                owned = [tp for tp in targets if tp in assignment]
+                targets.update(await consumer.end_offsets(owned))
+                if await _caught_up(consumer, targets, assignment):
+                    return self.handled_count - handled_before
             self._check_deadline(deadline, timeout, "handling the records written so far")
 
     async def stop(self) -> None:
@@ -851,6 +854,16 @@ def _truncated(
     topic, key, value, headers = record
     headers = [*headers, (HEADER_DLQ_VALUE_TRUNCATED, str(len(value)).encode())]
     return (topic, key, value[:_TRUNCATED_VALUE_BYTES], headers)
+
+
+async def _caught_up(
+    consumer: AIOKafkaConsumer, targets: Mapping[TopicPartition, int], owned: set[TopicPartition]
+) -> bool:
+    """Return whether the consumer's position in each owned partition has reached its target."""
+    for tp, end in targets.items():
+        if tp in owned and await consumer.position(tp) < end:
+            return False
+    return True
 
 
 def _remaining(deadline: float) -> float:
