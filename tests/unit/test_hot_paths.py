@@ -6,16 +6,19 @@ import asyncio
 import random
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from enum import Enum, IntEnum
 from typing import Any
 from uuid import UUID, uuid4
 
 import orjson
 import pytest
+from pydantic import JsonValue, TypeAdapter
 
 from forge.core.audit.store import to_microseconds
 from forge.core.events.context import caused_by, current_causation
 from forge.core.events.dispatch import RegisteredHandler
 from forge.core.privacy import PersonalDataProtector
+from forge.exceptions import EventValidationError
 from forge.infrastructure.sqlite.event_log import row_to_record, rows_to_records
 from forge.models.base import FrozenDict, deep_freeze, thaw, uuid_text
 from forge.models.events import (
@@ -105,6 +108,69 @@ def test_nested_object_frozen_deeply() -> None:
     assert type(frozen["tags"][1]) is FrozenDict
     assert frozen["tags"][1]["b"] == (1,)
     assert type(frozen["inner"]) is FrozenDict
+
+
+class _Level(IntEnum):
+    HIGH = 3
+
+
+class _Source(str, Enum):
+    API = "api"
+
+
+class _Name(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("value", "path", "kind"),
+    [
+        ({"when": datetime(2026, 1, 1)}, "'when'", "datetime"),
+        ({"a": {"b": [1, {"c": uuid4()}]}}, "'a.b[1].c'", "UUID"),
+        ({"pair": (1, 2)}, "'pair'", "tuple"),
+        ({"tags": {"x"}}, "'tags'", "set"),
+        ({"a": {1: "one"}}, "'a' has the key 1", "int"),
+    ],
+)
+def test_metadata_not_json_rejected_with_path(value: dict[str, Any], path: str, kind: str) -> None:
+    # pydantic's JsonValue rejected these too; the error now also gives the path.
+    with pytest.raises(EventValidationError) as caught:
+        capsule_created(metadata=value)
+
+    assert path in str(caught.value)
+    assert kind in str(caught.value)
+    assert caught.value.problems[0].location == "metadata"
+
+
+def test_json_value_subclasses_become_plain() -> None:
+    event = capsule_created(
+        metadata={"level": _Level.HIGH, "source": _Source.API, _Name("who"): _Name("me")}
+    )
+
+    assert event.metadata == {"level": 3, "source": "api", "who": "me"}
+    assert [type(value) for value in event.metadata.values()] == [int, str, str]
+    assert [type(key) for key in event.metadata] == [str, str, str]
+
+
+def test_metadata_must_be_object() -> None:
+    with pytest.raises(EventValidationError) as caught:
+        parse_event({**orjson.loads(capsule_created().to_json()), "metadata": ["a"]})
+
+    assert "must be a JSON object, not of type list" in str(caught.value)
+
+
+def test_json_fields_keep_json_value_schema() -> None:
+    expected = TypeAdapter(dict[str, JsonValue]).json_schema()
+    schema = ConfigChangedEvent.model_json_schema()
+    data = schema["$defs"]["ConfigChangedData"]["properties"]
+
+    assert (
+        schema["properties"]["metadata"]["additionalProperties"]
+        == (expected["additionalProperties"])
+    )
+    assert schema["properties"]["metadata"]["type"] == "object"
+    assert data["new_value"]["$ref"] == "#/$defs/JsonValue"
+    assert schema["$defs"]["JsonValue"] == {}
 
 
 def test_thaw_gives_plain_containers() -> None:

@@ -5,15 +5,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar, Token
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from forge.models.events import Event
 
 
-@dataclass(frozen=True, slots=True)
-class Causation:
+class Causation(NamedTuple):
+    """The ids stamped on events published in a `caused_by` block.
+
+    A named tuple, because the consumer builds one per handler call: a frozen dataclass took
+    0.46 µs to build, half the cost of entering `caused_by`.
+    """
+
     correlation_id: UUID | None
     causation_id: UUID | None
 
