@@ -14,7 +14,7 @@ from pathlib import Path
 
 from benchmarks import embedded, kafka, memory, postgres, replay
 from benchmarks.eventgen import EventGenerator
-from benchmarks.harness import ERROR, Row, render_table, write_report
+from benchmarks.harness import ERROR, Row, freeze_fixtures, render_table, write_report
 from benchmarks.scale import FULL, SMOKE, Scale
 from forge.logging import configure_logging
 from forge.models.events import Event
@@ -55,6 +55,7 @@ def _guarded(name: str, function: Callable[[], list[Row]]) -> list[Row]:
 
 def run_groups(groups: list[str], scale: Scale, provision: bool) -> list[Row]:
     events: list[Event[object]] = EventGenerator().events(scale.throughput_events)
+    freeze_fixtures()
     rows: list[Row] = []
     if "embedded" in groups:
         rows += _guarded("embedded publish/consume/audit", lambda: embedded.run(scale, events))

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from benchmarks.harness import Row, Summary, at_least, ratio_at_least
+from benchmarks.harness import Row, Summary, at_least, freeze_fixtures, ratio_at_least
 from benchmarks.scale import Scale
 from forge.config import ForgeSettings
 from forge.core.audit.recorder import AuditRecorder
@@ -217,6 +217,7 @@ def run(scale: Scale, events: Sequence[Event[Any]]) -> list[Row]:
     rows_for_log = log_rows(events, settings.max_event_bytes)
     recorded_at = datetime.now(UTC).isoformat()
     rows_for_audit = [audit_row(event, recorded_at) for event in events]
+    freeze_fixtures()
 
     figures: dict[str, list[float]] = {
         name: []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import sqlite3
@@ -20,6 +21,18 @@ SKIP = "SKIP"
 ERROR = "ERROR"
 INFO = "INFO"
 """A row shown for context, with no target."""
+
+
+def freeze_fixtures() -> None:
+    """Take the objects alive now, above all the benchmark's input, out of the collector's scans.
+
+    A run keeps its input (100,000 events and their encoded rows) in memory from start to end,
+    which no worker does. The garbage collector walked that input again and again while the
+    measured code allocated: about 2 µs of each event handled by the Kafka consumer. Called once
+    the input is built, so that Forge and its anchors are both measured without it.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass(frozen=True)

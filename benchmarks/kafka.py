@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import Row, Summary, at_most, ratio_at_least
+from benchmarks.harness import Row, Summary, at_most, freeze_fixtures, ratio_at_least
 from benchmarks.scale import Scale
 from benchmarks.services import Server, kafka_server, postgres_server, provisioned
 from forge.config import ForgeSettings
@@ -282,6 +282,7 @@ async def measure_latency(
                 raise RuntimeError(f"latency worker did not start: {ready!r}")
             total = int(rate * seconds)
             events = EventGenerator(seed=13).events(total)
+            freeze_fixtures()
             sent: dict[str, int] = {}
             async with Runtime(settings) as runtime:
                 published = 0
@@ -366,6 +367,7 @@ def _measure(
     settings = settings_for(kafka, postgres, data_dir)
     asyncio.run(ensure_topics(settings))
     records = kafka_records(events, settings.max_event_bytes)
+    freeze_fixtures()
     # Warm-up, not measured: new topics get their leaders and the producers their ids.
     warm_up = min(len(events), 1_000)
     confluent_publish(kafka.endpoint, records[:warm_up])

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.harness import Row, Summary, ratio_at_least
+from benchmarks.harness import Row, Summary, freeze_fixtures, ratio_at_least
 from benchmarks.scale import Scale
 from benchmarks.services import Server, postgres_server, provisioned
 from forge.models.events import Event
@@ -111,6 +111,7 @@ def run(scale: Scale, events: Sequence[Event[Any]], *, provision: bool) -> list[
 
 def _measure(scale: Scale, events: Sequence[Event[Any]], server: Server) -> Row:
     rows = audit_rows(events)
+    freeze_fixtures()
     count = len(events)
     forge: list[float] = []
     anchor: list[float] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from benchmarks.eventgen import capsule_histories
-from benchmarks.harness import Row, Summary, at_least
+from benchmarks.harness import Row, Summary, at_least, freeze_fixtures
 from benchmarks.scale import Scale
 from forge.core.replay.capsules import rebuild_capsule
 from forge.models.events import parse_event
@@ -32,6 +32,7 @@ def replay_once(histories: list[list[bytes]]) -> float:
 
 def run(scale: Scale) -> list[Row]:
     histories = capsule_histories(scale.replay_capsules, scale.replay_events_per_capsule)
+    freeze_fixtures()
     count = scale.replay_events
     rates = [count / replay_once(histories) for _ in range(scale.runs)]
     return [
