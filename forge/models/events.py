@@ -1113,7 +1113,14 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event[Any]:
         UnknownEventTypeError: `type` names no known event type.
         EventSchemaError: `schema_version` is newer than this code knows or cannot be upgraded.
     """
-    values = _load_object(raw)
+    return event_from_object(load_object(raw))
+
+
+def event_from_object(values: dict[str, Any]) -> Event[Any]:
+    """Validate a parsed JSON object as its typed event; `parse_event` without the parsing.
+
+    `values` may be changed. Raises what `parse_event` raises.
+    """
     event_class = event_class_for(values.get("type"))
     values = _upgrade(event_class, values)
     # Creation fills `id` and `timestamp` in; a stored event must bring its own, or each read
@@ -1136,7 +1143,8 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event[Any]:
     return event
 
 
-def _load_object(raw: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
+def load_object(raw: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
+    """Return the JSON object in `raw` as a new dict; raise `EventValidationError` otherwise."""
     if not isinstance(raw, bytes | str) and isinstance(raw, Mapping):
         return dict(raw)
     try:
@@ -1212,6 +1220,8 @@ __all__ = [
     "EventData",
     "EventType",
     "event_class_for",
+    "event_from_object",
+    "load_object",
     "parse_event",
     "register_upcaster",
     "topic_for",

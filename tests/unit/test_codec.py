@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from forge.core.audit.store import to_microseconds
@@ -132,3 +133,32 @@ def test_record_without_headers_decoded() -> None:
     event = vote_cast()
 
     assert decode_event(event.to_json(), LIMIT, {}) == event
+
+
+def _spelled(event_json: bytes, name: str, text: str) -> bytes:
+    """Return the event's JSON with the UUID field `name` written as `text`."""
+    values = orjson.loads(event_json)
+    values[name] = text
+    return orjson.dumps(values)
+
+
+def test_ids_in_other_spelling_decoded() -> None:
+    event = vote_cast()
+    upper_id = str(event.id).upper()
+    upper_key = str(event.resource_id).upper()
+    value = _spelled(_spelled(event.to_json(), "id", upper_id), "resource_id", upper_key)
+    written = {**event_headers(event), "event_id": upper_id}
+
+    # The same text in value, header and key, and the canonical text against another spelling.
+    assert decode_event(value, LIMIT, written, upper_key) == event
+    assert decode_event(value, LIMIT, event_headers(event), event.key) == event
+
+
+def test_key_of_other_resource_rejected() -> None:
+    event = vote_cast()
+    other = "0f4c2b8e-0000-4000-8000-000000000000"
+
+    with pytest.raises(EventValidationError, match=f"Record key '{other}' does not match"):
+        decode_event(event.to_json(), LIMIT, key=other)
+    with pytest.raises(EventValidationError, match="does not match the event's resource_id"):
+        decode_event(event.to_json(), LIMIT, key=other.upper())

@@ -721,13 +721,13 @@ class KafkaEventConsumer(HandlerRegistrations):
         for tp, offset in offsets.items():
             if self._uncommitted.get(tp) == offset:
                 del self._uncommitted[tp]
-            logger.debug(
-                "offsets_committed",
-                group_id=self._group_id,
-                topic=tp.topic,
-                partition=tp.partition,
-                offset=offset,
-            )
+        # One line per commit: a line per partition cost up to 66 debug calls per batch, at
+        # about 1.7 µs each even when debug is off.
+        logger.debug(
+            "offsets_committed",
+            group_id=self._group_id,
+            offsets={f"{tp.topic}:{tp.partition}": offset for tp, offset in offsets.items()},
+        )
 
     async def _on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         # Finish the batch in progress first: its records belong to these partitions, and
