@@ -1117,7 +1117,7 @@ def parse_event(raw: bytes | str | Mapping[str, Any]) -> Event[Any]:
 
 
 def event_from_object(values: dict[str, Any]) -> Event[Any]:
-    """Validate a parsed JSON object as its typed event; `parse_event` without the parsing.
+    """Return the typed event of a parsed JSON object, as `parse_event` does after parsing.
 
     `values` may be changed. Raises what `parse_event` raises.
     """
@@ -1144,7 +1144,7 @@ def event_from_object(values: dict[str, Any]) -> Event[Any]:
 
 
 def load_object(raw: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
-    """Return the JSON object in `raw` as a new dict; raise `EventValidationError` otherwise."""
+    """Return the JSON object in `raw` as a new dict, or raise `EventValidationError`."""
     if not isinstance(raw, bytes | str) and isinstance(raw, Mapping):
         return dict(raw)
     try:

@@ -267,6 +267,37 @@ async def test_stop_mid_batch_commits_only_finished(
     assert recorder.ids == [event.id for event in sent[5:]]
 
 
+async def test_small_batches_all_committed_by_stop(
+    settings: ForgeSettings,
+    group_id: str,
+    producer: KafkaEventProducer,
+    consumers: list[KafkaEventConsumer],
+) -> None:
+    # Each batch's commit runs while the next batch is handled; stop() ends with all of them.
+    small = settings.model_copy(update={"consumer_batch_size": 3})
+    sent = [capsule_created() for _ in range(10)]
+    recorder = Recorder()
+    first = await new_consumer(consumers, small, group_id, [EventType.CAPSULE_CREATED])
+    first.register_handler(EventType.CAPSULE_CREATED, recorder)
+    await producer.publish_batch(sent)
+    await first.start()
+    deadline = time.monotonic() + 30
+    while len(recorder.ids) < len(sent) and time.monotonic() < deadline:
+        await first.poll_once()
+    await first.stop()
+
+    second = KafkaEventConsumer(group_id, settings=small)
+    consumers.append(second)
+    again = Recorder()
+    second.register_handler(EventType.CAPSULE_CREATED, again)
+    await second.start()
+    handled = await second.drain(timeout=30)
+
+    assert sorted(map(str, recorder.ids)) == sorted(str(event.id) for event in sent)
+    assert handled == 0
+    assert again.ids == []
+
+
 async def test_killed_round_redelivered_to_next_member(
     settings: ForgeSettings,
     group_id: str,

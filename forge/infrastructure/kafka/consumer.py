@@ -170,6 +170,7 @@ class KafkaEventConsumer(HandlerRegistrations):
         self._dead_letter_producer: KafkaEventProducer | None = None
         self._assigned = asyncio.Event()
         self._uncommitted: dict[TopicPartition, int] = {}
+        self._commit_task: asyncio.Task[None] | None = None
         self._batch_task: asyncio.Task[None] | None = None
         self._running: asyncio.Task[None] | None = None
         self._started = False
@@ -296,7 +297,8 @@ class KafkaEventConsumer(HandlerRegistrations):
         ):
             self._last_retry_check = now
             worked = await self._redeliver_requested(self._dead_letters)
-        if self._uncommitted:
+        if self._uncommitted and not self._committing:
+            # A commit failed earlier: try again before fetching more.
             await self._commit()
 
         try:
@@ -353,15 +355,18 @@ class KafkaEventConsumer(HandlerRegistrations):
                 continue
             if await _caught_up(consumer, targets, assignment):
                 if not worked:
-                    return self.handled_count - handled_before
+                    break
                 # Handlers may have published more records meanwhile. Asking for the end
                 # offsets again takes one request, while another poll would wait
                 # FETCH_TIMEOUT_MS for records that are not there.
                 owned = [tp for tp in targets if tp in assignment]
                 targets.update(await consumer.end_offsets(owned))
                 if await _caught_up(consumer, targets, assignment):
-                    return self.handled_count - handled_before
+                    break
             self._check_deadline(deadline, timeout, "handling the records written so far")
+        # The last batch's commit may still be in flight.
+        await self._commit()
+        return self.handled_count - handled_before
 
     async def stop(self) -> None:
         """Finish or interrupt the batch in progress, commit what is done and leave the group.
@@ -593,7 +598,7 @@ class KafkaEventConsumer(HandlerRegistrations):
             if tp in owned:
                 consumer.seek(tp, offset)
         self._uncommitted.update(next_offsets)
-        await self._commit(consumer)
+        await self._commit_in_background(consumer)
         if park_error is not None:
             raise park_error
 
@@ -673,7 +678,45 @@ class KafkaEventConsumer(HandlerRegistrations):
 
     # Offsets -------------------------------------------------------------------------------------
 
+    @property
+    def _committing(self) -> bool:
+        return self._commit_task is not None and not self._commit_task.done()
+
+    async def _commit_in_background(self, consumer: AIOKafkaConsumer) -> None:
+        """Start committing the finished offsets, and return without waiting for the broker.
+
+        The next batch is fetched and handled during the commit's round trip. Awaited, that
+        round trip took about 2 µs per event of 500-record batches. Commits stay one at a time
+        and in order, because this waits for the previous one, and so does `_commit`.
+        """
+        await self._finish_commit(COMMIT_TIMEOUT_SECONDS)
+        self._commit_task = asyncio.create_task(self._commit_offsets(consumer))
+
+    async def _finish_commit(self, timeout: float) -> None:
+        """Wait for the commit started in the background, cancelling it after `timeout`."""
+        task = self._commit_task
+        if task is None:
+            return
+        if not task.done():
+            await asyncio.wait({task}, timeout=max(timeout, 0.001))
+        if not task.done():
+            # Its offsets stay in `_uncommitted`, so the next commit sends them again.
+            task.cancel()
+            await asyncio.wait({task})
+        self._commit_task = None
+        if not task.cancelled():
+            # `_commit_offsets` handles the broker's errors, so this raises only a bug.
+            task.result()
+
     async def _commit(
+        self, consumer: AIOKafkaConsumer | None = None, *, timeout: float = COMMIT_TIMEOUT_SECONDS
+    ) -> None:
+        """Wait for a commit in flight, then commit the offsets still uncommitted."""
+        deadline = time.monotonic() + timeout
+        await self._finish_commit(timeout)
+        await self._commit_offsets(consumer, timeout=_remaining(deadline))
+
+    async def _commit_offsets(
         self, consumer: AIOKafkaConsumer | None = None, *, timeout: float = COMMIT_TIMEOUT_SECONDS
     ) -> None:
         """Commit finished offsets of owned partitions; keep them for later if that fails."""
@@ -721,8 +764,8 @@ class KafkaEventConsumer(HandlerRegistrations):
         for tp, offset in offsets.items():
             if self._uncommitted.get(tp) == offset:
                 del self._uncommitted[tp]
-        # One line per commit: a line per partition cost up to 66 debug calls per batch, at
-        # about 1.7 µs each even when debug is off.
+        # One line per commit, because a line per partition made up to 66 debug calls per
+        # batch, at about 1.7 µs each even when debug is off.
         logger.debug(
             "offsets_committed",
             group_id=self._group_id,
