@@ -15,7 +15,7 @@ class Causation(NamedTuple):
     """The ids stamped on events published in a `caused_by` block.
 
     A named tuple, because the consumer builds one per handler call: a frozen dataclass took
-    0.46 µs to build, half the cost of entering `caused_by`.
+    0.30 µs to build against 0.22 µs for the tuple.
     """
 
     correlation_id: UUID | None

@@ -24,7 +24,7 @@ class LogRecord(NamedTuple):
     """One record as stored in a topic, before it is decoded into an event.
 
     A named tuple rather than a frozen dataclass: the consumers build one per record, and the
-    dataclass took 0.8 µs to build against 0.25 µs for the tuple.
+    dataclass took 0.74 µs to build against 0.24 µs for the tuple.
     """
 
     topic: str
