@@ -7,6 +7,7 @@ Messages are sentences that name the value and end with the fix.
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,11 @@ class FieldProblem:
     problem: str
 
     def describe(self) -> str:
-        value = repr(self.value)
+        try:
+            value = repr(self.value)
+        except RecursionError:
+            # A value nested thousands of levels deep; reprlib stops after a few levels.
+            value = reprlib.repr(self.value)
         if len(value) > 80:
             value = value[:77] + "..."
         return f"{self.location}={value}: {self.problem}"

@@ -56,7 +56,12 @@ are checked first."""
 _STRINGS = frozenset({str})
 
 
-def deep_freeze(value: Any, path: str = "") -> Any:
+MAX_JSON_DEPTH = 100
+"""Deepest nesting of objects and arrays that `deep_freeze` accepts. pydantic's serializer
+fails on values a few hundred levels deep, and Python's recursion limit follows soon after."""
+
+
+def deep_freeze(value: Any, path: str = "", depth: int = 0) -> Any:
     """Return JSON `value` with every dict made a `FrozenDict` and every list a tuple.
 
     It also checks that `value` is JSON, as pydantic's `JsonValue` does, in the same pass.
@@ -64,9 +69,14 @@ def deep_freeze(value: Any, path: str = "") -> Any:
     1.06 µs with it and 0.79 µs with this function.
 
     Raises:
-        ValueError: a value is not JSON (a tuple, a datetime, a UUID...) or a key is not a
-            string. The message gives its path.
+        ValueError: a value is not JSON (a tuple, a datetime, a UUID...), a key is not a
+            string, or the nesting is deeper than `MAX_JSON_DEPTH`. The message gives the path.
     """
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(
+            f"{_where(path)}is nested deeper than {MAX_JSON_DEPTH} levels, or contains itself. "
+            "Flatten it, or store it elsewhere and reference it"
+        )
     if type(value) is dict:
         if _STRINGS.issuperset(map(type, value)) and _JSON_SCALARS.issuperset(
             map(type, value.values())
@@ -75,7 +85,9 @@ def deep_freeze(value: Any, path: str = "") -> Any:
             return FrozenDict(value)
     elif type(value) is list:
         return tuple(
-            item if type(item) in _JSON_SCALARS else deep_freeze(item, f"{path}[{index}]")
+            item
+            if type(item) in _JSON_SCALARS
+            else deep_freeze(item, f"{path}[{index}]", depth + 1)
             for index, item in enumerate(value)
         )
     elif type(value) in _JSON_SCALARS:
@@ -91,9 +103,14 @@ def deep_freeze(value: Any, path: str = "") -> Any:
                     )
                 key = str.__str__(key)
             frozen[key] = (
-                item if type(item) in _JSON_SCALARS else deep_freeze(item, _join(path, key))
+                item
+                if type(item) in _JSON_SCALARS
+                else deep_freeze(item, _join(path, key), depth + 1)
             )
         return FrozenDict(frozen)
+    if isinstance(value, list):
+        # A list subclass, as pydantic's `JsonValue` accepts.
+        return deep_freeze(list(value), path, depth)
     # Subclasses of JSON scalars, such as enum members, become the plain value.
     if isinstance(value, bool | int):
         return int.__int__(value) if not isinstance(value, bool) else bool(value)
@@ -103,7 +120,7 @@ def deep_freeze(value: Any, path: str = "") -> Any:
         return str.__str__(value)
     raise ValueError(
         f"{_where(path)}is of type {type(value).__name__}, which is not a JSON value. Use a "
-        "string, number, boolean, null, list or object (convert dates and ids to strings)."
+        "string, number, boolean, null, list or object, and convert dates and ids to strings"
     )
 
 
@@ -112,6 +129,8 @@ def _join(path: str, key: str) -> str:
 
 
 def _where(path: str) -> str:
+    if len(path) > 80:
+        path = path[:77] + "..."
     return f"the value at {path!r} " if path else "the value "
 
 

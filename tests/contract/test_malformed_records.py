@@ -27,6 +27,21 @@ def _capsule_without_capsule_type() -> bytes:
     return orjson.dumps(values)
 
 
+def _capsule_nested(depth: int) -> bytes:
+    """Return a capsule.created event whose metadata nests `depth` arrays."""
+    shallow = _capsule_with(metadata={"m": "here"})
+    return shallow.replace(b'"here"', b"[" * depth + b"]" * depth)
+
+
+def _capsule_keyed_in_upper_case() -> tuple[bytes, str]:
+    values = capsule_created().to_dict()
+    values["resource_id"] = values["resource_id"].upper()
+    return orjson.dumps(values), values["resource_id"]
+
+
+_UPPER_CASE_KEYED = _capsule_keyed_in_upper_case()
+
+
 def _vote_weighing(weight: object) -> bytes:
     values = vote_cast().to_dict()
     values["data"]["weight"] = weight
@@ -40,6 +55,7 @@ class Malformed:
     reason: str
     error_type: str
     headers: dict[str, str] | None = None
+    key: str | None = None
 
 
 MALFORMED = {
@@ -105,6 +121,21 @@ MALFORMED = {
         "EventValidationError",
         {"event_type": "vote.cast"},
     ),
+    "nested_too_deep": Malformed(
+        "forge.capsule.created",
+        lambda: _capsule_nested(600),
+        "is nested deeper than 100 levels, or contains itself",
+        "EventValidationError",
+    ),
+    # The value and the key write the id the same way, but not in canonical form: the key
+    # would place the record in another partition and hide it from lookups by resource.
+    "key_not_canonical": Malformed(
+        "forge.capsule.created",
+        lambda: _UPPER_CASE_KEYED[0],
+        f"Record key {_UPPER_CASE_KEYED[1]!r} does not match the event's resource_id",
+        "EventValidationError",
+        key=_UPPER_CASE_KEYED[1],
+    ),
 }
 
 
@@ -116,7 +147,9 @@ def malformed(request: pytest.FixtureRequest) -> Malformed:
 async def consume_around(backend: Any, malformed: Malformed) -> Recorder:
     """Publish a good event, append the malformed record, publish another good one, consume."""
     await backend.publisher.publish(capsule_created())
-    await backend.append_raw(malformed.topic, malformed.value(), headers=malformed.headers)
+    await backend.append_raw(
+        malformed.topic, malformed.value(), key=malformed.key, headers=malformed.headers
+    )
     await backend.publisher.publish(vote_cast())
     consumer = backend.make_consumer("projector")
     recorder = Recorder()

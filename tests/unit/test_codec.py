@@ -142,16 +142,26 @@ def _spelled(event_json: bytes, name: str, text: str) -> bytes:
     return orjson.dumps(values)
 
 
-def test_ids_in_other_spelling_decoded() -> None:
+def test_canonical_ids_match_other_spelling() -> None:
     event = vote_cast()
     upper_id = str(event.id).upper()
     upper_key = str(event.resource_id).upper()
     value = _spelled(_spelled(event.to_json(), "id", upper_id), "resource_id", upper_key)
-    written = {**event_headers(event), "event_id": upper_id}
 
-    # The same text in value, header and key, and the canonical text against another spelling.
-    assert decode_event(value, LIMIT, written, upper_key) == event
     assert decode_event(value, LIMIT, event_headers(event), event.key) == event
+
+
+def test_ids_not_canonical_rejected() -> None:
+    event = vote_cast()
+    upper_id = str(event.id).upper()
+    upper_key = str(event.resource_id).upper()
+    value = _spelled(_spelled(event.to_json(), "id", upper_id), "resource_id", upper_key)
+
+    # Written the same way in value, header and key, but the header and key must be canonical.
+    with pytest.raises(EventValidationError, match=f"Header event_id='{upper_id}'"):
+        decode_event(value, LIMIT, {**event_headers(event), "event_id": upper_id})
+    with pytest.raises(EventValidationError, match=f"Record key '{upper_key}' does not match"):
+        decode_event(value, LIMIT, key=upper_key)
 
 
 def test_key_of_other_resource_rejected() -> None:

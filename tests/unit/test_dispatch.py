@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
 from forge.config import ForgeSettings
-from forge.core.events.dispatch import HandlerRegistry, RetryPolicy, handler_name
+from forge.core.events import dispatch as dispatch_module
+from forge.core.events.dead_letters import DECODE_STAGE
+from forge.core.events.dispatch import Dispatcher, HandlerRegistry, RetryPolicy, handler_name
+from forge.core.events.ports import LogRecord
 from forge.models.events import Event, EventType
+from tests.helpers import vote_cast
 
 
 async def note(event: Event[Any]) -> None:
@@ -93,3 +98,34 @@ def test_batch_handlers_listed_first() -> None:
         handler_name(project),
         handler_name(note),
     ]
+
+
+async def test_decoder_fault_parks_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    good = vote_cast()
+    records = [
+        LogRecord("forge.vote.cast", 0, offset, good.key, value, {})
+        for offset, value in enumerate([b"faulty", good.to_json()])
+    ]
+    decode = dispatch_module.decode_event
+
+    def fail_on_faulty(value: bytes, *args: Any) -> Event[Any]:
+        if value == b"faulty":
+            raise RuntimeError("decoder bug")
+        return decode(value, *args)
+
+    monkeypatch.setattr(dispatch_module, "decode_event", fail_on_faulty)
+    handled: list[Event[Any]] = []
+
+    async def keep(event: Event[Any]) -> None:
+        handled.append(event)
+
+    registry = HandlerRegistry()
+    registry.add(EventType.VOTE_CAST, keep)
+    dispatcher = Dispatcher("group", registry, RetryPolicy(1), 4096, asyncio.Event())
+    result = await dispatcher.dispatch(records)
+
+    # A fault of the decoder parks its record instead of stopping the group.
+    assert [letter.offset for letter in result.dead_letters] == [0]
+    assert result.dead_letters[0].handler == DECODE_STAGE
+    assert result.dead_letters[0].reason == "decoder bug"
+    assert handled == [good]

@@ -20,7 +20,7 @@ from forge.core.events.dispatch import RegisteredHandler
 from forge.core.privacy import PersonalDataProtector
 from forge.exceptions import EventValidationError
 from forge.infrastructure.sqlite.event_log import row_to_record, rows_to_records
-from forge.models.base import FrozenDict, deep_freeze, thaw, uuid_text
+from forge.models.base import MAX_JSON_DEPTH, FrozenDict, deep_freeze, thaw, uuid_text
 from forge.models.events import (
     EVENT_CLASSES,
     ConfigChangedEvent,
@@ -303,3 +303,29 @@ def test_sealing_for_anonymized_user_drops_personal_fields() -> None:
     assert sealed.data.ip_address is None
     assert sealed.data.user_agent is None
     assert sealed.id == event.id
+
+
+def _nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_json_nesting_limit() -> None:
+    recursive: dict[str, Any] = {}
+    recursive["self"] = recursive
+
+    assert capsule_created(metadata={"m": _nested(MAX_JSON_DEPTH)}).metadata["m"]
+    for deep in ({"m": _nested(MAX_JSON_DEPTH + 1)}, {"m": _nested(50_000)}, recursive):
+        with pytest.raises(EventValidationError, match="nested deeper than 100 levels"):
+            capsule_created(metadata=deep)
+
+
+def test_json_list_subclass_becomes_tuple() -> None:
+    class Tags(list[str]):
+        pass
+
+    event = capsule_created(metadata={"tags": Tags(["a", "b"])})
+
+    assert event.metadata["tags"] == ("a", "b")

@@ -91,8 +91,8 @@ def decode_event(
         # to name the real problem, so valid records are not decoded twice.
         _raise_if_not_utf8(value)
         raise
-    # A header or key with the same text as the written id matches without formatting the
-    # parsed UUID, which costs 0.2 µs. Other spellings are compared after formatting.
+    # A header or key equal to the id as written, in the canonical form, matches without
+    # formatting the parsed UUID, which costs 0.2 µs. Any other text is compared after formatting.
     written_id = values.get("id")
     written_resource_id = values.get("resource_id")
     event = event_from_object(values)
@@ -104,7 +104,7 @@ def decode_event(
             "the resource the event is about, and key the record by it.",
             [FieldProblem("resource_id", None, "missing while the record has a key")],
         )
-    if key is not None and key != written_resource_id and key != event.key:
+    if key is not None and not _same_canonical(key, written_resource_id) and key != event.key:
         # The key decides the partition, and so the order of a resource's events; a record
         # keyed by anything but its resource id may be handled out of order.
         raise EventValidationError(
@@ -134,6 +134,16 @@ def _raise_if_not_utf8(value: bytes) -> None:
         ) from error
 
 
+def _same_canonical(text: str, written: Any) -> bool:
+    """Return whether `text` is the written id and that id is in canonical form.
+
+    Only for an id that validated as a UUID: of the forms pydantic accepts (32 hex digits,
+    hyphenated, in braces, `urn:uuid:`), only the hyphenated one has 36 characters. Keys must
+    be canonical, because the partition and the lookup by resource use the key's text.
+    """
+    return text == written and len(text) == 36 and text == text.lower()
+
+
 def _check_headers(event: Event[Any], headers: Mapping[str, str], written_id: Any) -> None:
     header_type = headers.get(HEADER_EVENT_TYPE)
     if header_type is not None and header_type != _TYPE_VALUES[event.type]:
@@ -143,7 +153,11 @@ def _check_headers(event: Event[Any], headers: Mapping[str, str], written_id: An
             [FieldProblem("headers.event_type", header_type, "does not match value")],
         )
     header_id = headers.get(HEADER_EVENT_ID)
-    if header_id is not None and header_id != written_id and header_id != uuid_text(event.id):
+    if (
+        header_id is not None
+        and not _same_canonical(header_id, written_id)
+        and header_id != uuid_text(event.id)
+    ):
         raise EventValidationError(
             f"Header event_id={header_id!r} does not match the value's id {event.id}; the "
             "record was written by a faulty producer.",

@@ -225,6 +225,18 @@ class Dispatcher:
             except EventValidationError as error:
                 decoded.append(None)
                 letters.append((i, self._letter(record, None, DECODE_STAGE, error, attempts=1)))
+            except Exception as error:
+                # A fault of the decoder itself. Parking the record keeps one record from
+                # stopping the group, which would meet it again after every restart.
+                logger.exception(
+                    "decode_failed",
+                    group_id=self.group_id,
+                    topic=record.topic,
+                    offset=record.offset,
+                    error=repr(error),
+                )
+                decoded.append(None)
+                letters.append((i, self._letter(record, None, DECODE_STAGE, error, attempts=1)))
 
         # Batch handlers see all their events at once. When one fails, each of its events is
         # retried alone below, so that one bad event cannot hold up the others.
@@ -279,7 +291,7 @@ class Dispatcher:
             event = decode_event(
                 record.value, self.max_event_bytes, record.headers, record.key, record.topic
             )
-        except EventValidationError as error:
+        except Exception as error:  # a decoder fault is parked, as in `dispatch`
             return self._letter(record, None, DECODE_STAGE, error, attempts=1)
 
         if letter.handler == DECODE_STAGE:

@@ -690,31 +690,43 @@ class KafkaEventConsumer(HandlerRegistrations):
         and in order, because this waits for the previous one, and so does `_commit`.
         """
         await self._finish_commit(COMMIT_TIMEOUT_SECONDS)
+        # No await between the wait and this line, so no other commit can start in between.
         self._commit_task = asyncio.create_task(self._commit_offsets(consumer))
 
     async def _finish_commit(self, timeout: float) -> None:
-        """Wait for the commit started in the background, cancelling it after `timeout`."""
-        task = self._commit_task
-        if task is None:
-            return
-        if not task.done():
-            await asyncio.wait({task}, timeout=max(timeout, 0.001))
-        if not task.done():
-            # Its offsets stay in `_uncommitted`, so the next commit sends them again.
-            task.cancel()
-            await asyncio.wait({task})
-        self._commit_task = None
-        if not task.cancelled():
-            # `_commit_offsets` handles the broker's errors, so this raises only a bug.
-            task.result()
+        """Wait until no commit is in flight, cancelling each one still running after `timeout`.
+
+        Several callers may wait for the same commit, and the first one to resume may start
+        the next, so this waits again until none is left.
+        """
+        deadline = time.monotonic() + timeout
+        while (task := self._commit_task) is not None:
+            if not task.done():
+                await asyncio.wait({task}, timeout=max(_remaining(deadline), 0.001))
+            if not task.done():
+                # Its offsets stay in `_uncommitted`, so the next commit sends them again.
+                task.cancel()
+                await asyncio.wait({task})
+            if self._commit_task is task:
+                self._commit_task = None
+            if not task.cancelled():
+                # `_commit_offsets` handles the broker's errors, so this raises only a bug.
+                task.result()
 
     async def _commit(
         self, consumer: AIOKafkaConsumer | None = None, *, timeout: float = COMMIT_TIMEOUT_SECONDS
     ) -> None:
-        """Wait for a commit in flight, then commit the offsets still uncommitted."""
+        """Wait for a commit in flight, then commit the offsets still uncommitted.
+
+        The commit runs as the tracked task too, so that a background commit started meanwhile
+        waits for it.
+        """
         deadline = time.monotonic() + timeout
         await self._finish_commit(timeout)
-        await self._commit_offsets(consumer, timeout=_remaining(deadline))
+        self._commit_task = asyncio.create_task(
+            self._commit_offsets(consumer, timeout=_remaining(deadline))
+        )
+        await self._finish_commit(_remaining(deadline) + 0.1)
 
     async def _commit_offsets(
         self, consumer: AIOKafkaConsumer | None = None, *, timeout: float = COMMIT_TIMEOUT_SECONDS
