@@ -58,7 +58,8 @@ _STRINGS = frozenset({str})
 
 MAX_JSON_DEPTH = 100
 """Deepest nesting of objects and arrays that `deep_freeze` accepts. pydantic's serializer
-fails on values a few hundred levels deep, and Python's recursion limit follows soon after."""
+failed on a value 300 levels deep, and Python's recursion limit follows soon after. The 100 is
+a choice with room below that, not a measured bound."""
 
 
 def deep_freeze(value: Any, path: str = "", depth: int = 0) -> Any:
@@ -91,6 +92,8 @@ def deep_freeze(value: Any, path: str = "", depth: int = 0) -> Any:
             for index, item in enumerate(value)
         )
     elif type(value) in _JSON_SCALARS:
+        # NOTE: NaN and infinity pass, as they did through `JsonValue`, but serialize as null,
+        # so such an event does not read back equal.
         return value
     if isinstance(value, dict):
         frozen: dict[str, Any] = {}

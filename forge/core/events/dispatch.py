@@ -222,19 +222,17 @@ class Dispatcher:
                         record.topic,
                     )
                 )
-            except EventValidationError as error:
-                decoded.append(None)
-                letters.append((i, self._letter(record, None, DECODE_STAGE, error, attempts=1)))
             except Exception as error:
-                # A fault of the decoder itself. Parking the record keeps one record from
-                # stopping the group, which would meet it again after every restart.
-                logger.exception(
-                    "decode_failed",
-                    group_id=self.group_id,
-                    topic=record.topic,
-                    offset=record.offset,
-                    error=repr(error),
-                )
+                # A fault of the decoder itself is parked too, because the group would meet
+                # the record again after every restart.
+                if not isinstance(error, EventValidationError):
+                    logger.exception(
+                        "decode_failed",
+                        group_id=self.group_id,
+                        topic=record.topic,
+                        offset=record.offset,
+                        error=repr(error),
+                    )
                 decoded.append(None)
                 letters.append((i, self._letter(record, None, DECODE_STAGE, error, attempts=1)))
 

@@ -298,7 +298,7 @@ class KafkaEventConsumer(HandlerRegistrations):
             self._last_retry_check = now
             worked = await self._redeliver_requested(self._dead_letters)
         if self._uncommitted and not self._committing:
-            # A commit failed earlier: try again before fetching more.
+            # Offsets whose commit failed are sent again before the next fetch.
             await self._commit()
 
         try:
@@ -682,16 +682,21 @@ class KafkaEventConsumer(HandlerRegistrations):
     def _committing(self) -> bool:
         return self._commit_task is not None and not self._commit_task.done()
 
-    async def _commit_in_background(self, consumer: AIOKafkaConsumer) -> None:
+    async def _commit_in_background(
+        self, consumer: AIOKafkaConsumer | None = None, timeout: float = COMMIT_TIMEOUT_SECONDS
+    ) -> None:
         """Start committing the finished offsets, and return without waiting for the broker.
 
         The next batch is fetched and handled during the commit's round trip. Awaited, that
         round trip took about 2 µs per event of 500-record batches. Commits stay one at a time
-        and in order, because this waits for the previous one, and so does `_commit`.
+        and in order, because this first waits for the previous one.
         """
-        await self._finish_commit(COMMIT_TIMEOUT_SECONDS)
+        deadline = time.monotonic() + timeout
+        await self._finish_commit(timeout)
         # No await between the wait and this line, so no other commit can start in between.
-        self._commit_task = asyncio.create_task(self._commit_offsets(consumer))
+        self._commit_task = asyncio.create_task(
+            self._commit_offsets(consumer, timeout=_remaining(deadline))
+        )
 
     async def _finish_commit(self, timeout: float) -> None:
         """Wait until no commit is in flight, cancelling each one still running after `timeout`.
@@ -718,14 +723,13 @@ class KafkaEventConsumer(HandlerRegistrations):
     ) -> None:
         """Wait for a commit in flight, then commit the offsets still uncommitted.
 
-        The commit runs as the tracked task too, so that a background commit started meanwhile
+        The commit runs as the tracked task, so that a background commit started meanwhile
         waits for it.
         """
         deadline = time.monotonic() + timeout
-        await self._finish_commit(timeout)
-        self._commit_task = asyncio.create_task(
-            self._commit_offsets(consumer, timeout=_remaining(deadline))
-        )
+        await self._commit_in_background(consumer, timeout)
+        # The extra 0.1 s lets the commit's own timeout end it, with its log line, before
+        # `_finish_commit` would cancel it.
         await self._finish_commit(_remaining(deadline) + 0.1)
 
     async def _commit_offsets(
