@@ -7,7 +7,7 @@ import random
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum, IntEnum
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID, uuid4
 
 import orjson
@@ -30,7 +30,7 @@ from forge.models.events import (
     parse_event,
     topic_for,
 )
-from tests.helpers import capsule_created, vote_cast
+from tests.helpers import SAMPLE_EVENTS, capsule_created, vote_cast
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -66,6 +66,54 @@ def test_type_serialized_as_its_value() -> None:
 
     assert orjson.loads(event.to_json())["type"] == "vote.cast"
     assert event.model_dump_json().encode() == event.to_json()
+
+
+@pytest.mark.parametrize("event_type", list(EventType), ids=lambda t: t.value)
+def test_json_is_what_pydantic_writes(event_type: EventType) -> None:
+    event = SAMPLE_EVENTS[event_type]()
+
+    assert event.to_json() == event.model_dump_json().encode()
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"ratio": 0.1, "big": 1e300, "small": 5e-324, "exp": 1e16, "neg": -0.0, "whole": 100.0},
+        {"text": 'é ü 漢字 😀 \u2028 \\ " \n \t \x00 \x1f'},
+        {"nested": [[], {}, [{"a": [None, True, False, -(2**63), 2**64 - 1]}]]},
+        {"nan": float("nan"), "inf": float("inf")},
+    ],
+    ids=["floats", "unicode", "nested", "nan"],
+)
+def test_json_of_edge_values_is_what_pydantic_writes(metadata: dict[str, Any]) -> None:
+    event = capsule_created(metadata=metadata)
+
+    assert event.to_json() == event.model_dump_json().encode()
+
+
+@pytest.mark.parametrize(
+    "moment", [datetime(2025, 6, 1, 12, tzinfo=UTC), _EPOCH, datetime.max.replace(tzinfo=UTC)]
+)
+def test_json_of_edge_times_is_what_pydantic_writes(moment: datetime) -> None:
+    event = capsule_created().model_copy(update={"timestamp": moment})
+
+    assert event.to_json() == event.model_dump_json().encode()
+
+
+def test_json_of_values_orjson_refuses_is_what_pydantic_writes() -> None:
+    event = capsule_created(metadata={"huge": 2**70})
+
+    assert event.to_json() == event.model_dump_json().encode()
+    assert parse_event(event.model_dump_json()).metadata["huge"] == 2**70
+
+
+def test_json_of_ip_addresses_is_what_pydantic_writes() -> None:
+    for address in ("192.0.2.1", "2001:db8::1"):
+        event = UserAuthenticatedEvent.create(
+            user_id=uuid4(), method="password", ip_address=address
+        )
+
+        assert event.to_json() == event.model_dump_json().encode()
 
 
 def test_python_dump_keeps_type_member() -> None:
@@ -303,6 +351,32 @@ def test_sealing_for_anonymized_user_drops_personal_fields() -> None:
     assert sealed.data.ip_address is None
     assert sealed.data.user_agent is None
     assert sealed.id == event.id
+
+
+def _personal_fields() -> list[tuple[type[Any], str]]:
+    return [
+        (data_class, name)
+        for data_class in {
+            event_class.model_fields["data"].annotation for event_class in EVENT_CLASSES.values()
+        }
+        for name in data_class.personal_fields()
+    ]
+
+
+def test_some_payloads_have_personal_fields() -> None:
+    assert len(_personal_fields()) >= 2
+
+
+@pytest.mark.parametrize(
+    ("data_class", "name"), _personal_fields(), ids=lambda value: getattr(value, "__name__", value)
+)
+def test_personal_field_accepts_sealed_text_and_none(data_class: type[Any], name: str) -> None:
+    # Sealing copies payloads without validating them again, which is right only because
+    # every personal field accepts both.
+    info = data_class.model_fields[name]
+    field: TypeAdapter[Any] = TypeAdapter(Annotated[(info.annotation, *info.metadata)])
+    for value in ("sealed:v1:" + "A" * 40, None):
+        assert field.validate_python(value) == value
 
 
 def _nested(depth: int) -> Any:

@@ -58,7 +58,7 @@ class PostgresAuditStore:
         """
         if not events:
             return 0
-        documents = [event.model_dump_json() for event in events]
+        documents = [event.to_json().decode() for event in events]
         columns: list[list[Any]] = [[] for _ in range(10)]
         for event, document in zip(events, documents, strict=True):
             values = (

@@ -38,7 +38,7 @@ def audit_row(event: Event[Any], recorded_at: str) -> tuple[Any, ...]:
         str(event.resource_id) if event.resource_id else None,
         str(event.correlation_id) if event.correlation_id else None,
         str(event.causation_id) if event.causation_id else None,
-        event.model_dump_json(),
+        event.to_json().decode(),
         recorded_at,
     )
 
