@@ -74,6 +74,37 @@ async def test_concurrent_batches_share_keys(keys: PostgresSubjectKeyStore) -> N
     assert all(key is not None for key in batches[0].values())
 
 
+async def test_key_committed_while_batch_waits_is_returned(
+    keys: PostgresSubjectKeyStore, database: PostgresDatabase
+) -> None:
+    # The batch's INSERT waits for the other transaction's row, then its SELECT, which began
+    # before that commit, cannot see the row: the store must read it again.
+    subject, other = uuid.uuid4(), uuid.uuid4()
+    key = bytes(range(KEY_BYTES))
+    inserted = asyncio.Event()
+    release = asyncio.Event()
+
+    async def create_elsewhere() -> None:
+        async with database.transaction() as connection:
+            await connection.execute(
+                "INSERT INTO subject_keys (subject_id, key) VALUES ($1, $2)", subject, key
+            )
+            inserted.set()
+            await release.wait()
+
+    creator = asyncio.create_task(create_elsewhere())
+    await inserted.wait()
+    batch = asyncio.create_task(keys.keys_for([other, subject], create=True))
+    await asyncio.sleep(0.3)
+    assert not batch.done()
+    release.set()
+    await creator
+
+    found = await batch
+    assert found[subject] == key
+    assert found[other] is not None
+
+
 async def test_forgotten_key_never_comes_back(keys: PostgresSubjectKeyStore) -> None:
     subject = uuid.uuid4()
     await keys.key_for(subject, create=True)
