@@ -21,7 +21,8 @@ import pytest
 
 from forge.config import ForgeSettings
 from forge.infrastructure.kafka.consumer import KafkaEventConsumer
-from forge.infrastructure.kafka.producer import KafkaEventProducer, partition_of_key
+from forge.infrastructure.kafka.partitioner import partition_of_key
+from forge.infrastructure.kafka.producer import KafkaEventProducer
 from forge.models.events import CapsuleUpdatedEvent, EventType, topic_for
 from tests.helpers import Recorder, capsule_created, capsule_updated, wait_until
 from tests.kafka.conftest import (

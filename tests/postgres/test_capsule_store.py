@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import replace
 
 import pytest
 
@@ -258,7 +257,7 @@ async def test_failing_outbox_insert_leaves_no_capsule(
     )
     # PostgreSQL rejects a NUL character in text, so the outbox insert fails after the
     # capsule row was inserted in the same transaction.
-    broken = replace(event, topic="forge.capsule.created\x00")
+    broken = event._replace(topic="forge.capsule.created\x00")
 
     with pytest.raises(StorageError):
         await store.create(capsule, [broken])
@@ -275,7 +274,7 @@ async def test_failing_outbox_insert_leaves_update_undone(
     event = encode_event(
         CapsuleCreatedEvent.create(capsule.id, capsule.owner_id, "note"), 1024 * 1024
     )
-    broken = replace(event, headers={"event_id": "\x00"})
+    broken = event._replace(headers={"event_id": "\x00"})
 
     with pytest.raises(StorageError):
         await store.update(capsule.model_copy(update={"title": "x", "version": "2"}), "1", [broken])

@@ -9,7 +9,7 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.partitioner import murmur2 as aiokafka_murmur2
 
-from forge.infrastructure.kafka.producer import murmur2, partition_of_key
+from forge.infrastructure.kafka.partitioner import murmur2, murmur2_many, partition_of_key
 
 # Hashes of Kafka's Java client as signed 32-bit integers; aiokafka gives the same ones.
 JAVA_HASHES = [
@@ -47,3 +47,26 @@ def test_partition_matches_default_partitioner() -> None:
         key = str(uuid.UUID(int=generator.getrandbits(128))).encode()
         partitions = list(range(generator.randint(1, 12)))
         assert partition_of_key(key, partitions) == partitioner(key, partitions, partitions)
+
+
+def test_murmur2_many_matches_murmur2() -> None:
+    generator = random.Random(5)
+    # Lengths 0 to 40, each key count from 1 (hashed alone) to 30 (hashed together), mixed.
+    keys = [
+        generator.randbytes(length) for length in range(41) for _ in range(generator.randint(1, 30))
+    ]
+    generator.shuffle(keys)
+
+    assert murmur2_many(keys) == [murmur2(key) for key in keys]
+
+
+def test_murmur2_many_of_resource_ids() -> None:
+    keys = [str(uuid.uuid4()).encode() for _ in range(500)]
+
+    assert murmur2_many(keys) == [aiokafka_murmur2(key) for key in keys]
+
+
+def test_murmur2_many_of_extreme_words() -> None:
+    keys = [bytes([value]) * length for value in (0, 0xFF) for length in (4, 5, 7, 36)] * 4
+
+    assert murmur2_many(keys) == [murmur2(key) for key in keys]
