@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, NoReturn
@@ -55,6 +56,9 @@ are checked first."""
 
 _STRINGS = frozenset({str})
 
+_EXACT_SCALARS = _JSON_SCALARS - {float}
+"""JSON scalars that need no check beyond their type; floats may be NaN or infinite."""
+
 
 MAX_JSON_DEPTH = 100
 """Deepest nesting of objects and arrays that `deep_freeze` accepts. pydantic's serializer
@@ -70,30 +74,34 @@ def deep_freeze(value: Any, path: str = "", depth: int = 0) -> Any:
     1.06 µs with it and 0.79 µs with this function.
 
     Raises:
-        ValueError: a value is not JSON (a tuple, a datetime, a UUID...), a key is not a
-            string, or the nesting is deeper than `MAX_JSON_DEPTH`. The message gives the path.
+        ValueError: a value is not JSON (a tuple, a datetime, a UUID, NaN or infinity...), a
+            key is not a string, or the nesting is deeper than `MAX_JSON_DEPTH`. The message
+            gives the path.
     """
     if depth > MAX_JSON_DEPTH:
         raise ValueError(
             f"{_where(path)}is nested deeper than {MAX_JSON_DEPTH} levels, or contains itself. "
             "Flatten it, or store it elsewhere and reference it"
         )
-    if type(value) is dict:
-        if _STRINGS.issuperset(map(type, value)) and _JSON_SCALARS.issuperset(
-            map(type, value.values())
-        ):
-            # Flat objects, such as most metadata, are copied in one call, without a loop.
+    if type(value) is dict and _STRINGS.issuperset(map(type, value)):
+        # Flat objects, such as most metadata, are copied in one call, without a loop.
+        if _EXACT_SCALARS.issuperset(map(type, value.values())):
+            return FrozenDict(value)
+        if _JSON_SCALARS.issuperset(map(type, value.values())):
+            for key, item in value.items():
+                if type(item) is float:
+                    _check_finite(item, _join(path, key))
             return FrozenDict(value)
     elif type(value) is list:
         return tuple(
             item
-            if type(item) in _JSON_SCALARS
+            if type(item) in _EXACT_SCALARS
             else deep_freeze(item, f"{path}[{index}]", depth + 1)
             for index, item in enumerate(value)
         )
     elif type(value) in _JSON_SCALARS:
-        # NOTE: NaN and infinity pass, as they did through `JsonValue`, but serialize as null,
-        # so such an event does not read back equal.
+        if type(value) is float:
+            _check_finite(value, path)
         return value
     if isinstance(value, dict):
         frozen: dict[str, Any] = {}
@@ -107,7 +115,7 @@ def deep_freeze(value: Any, path: str = "", depth: int = 0) -> Any:
                 key = str.__str__(key)
             frozen[key] = (
                 item
-                if type(item) in _JSON_SCALARS
+                if type(item) in _EXACT_SCALARS
                 else deep_freeze(item, _join(path, key), depth + 1)
             )
         return FrozenDict(frozen)
@@ -118,6 +126,7 @@ def deep_freeze(value: Any, path: str = "", depth: int = 0) -> Any:
     if isinstance(value, bool | int):
         return int.__int__(value) if not isinstance(value, bool) else bool(value)
     if isinstance(value, float):
+        _check_finite(value, path)
         return float.__float__(value)
     if isinstance(value, str):
         return str.__str__(value)
@@ -125,6 +134,16 @@ def deep_freeze(value: Any, path: str = "", depth: int = 0) -> Any:
         f"{_where(path)}is of type {type(value).__name__}, which is not a JSON value. Use a "
         "string, number, boolean, null, list or object, and convert dates and ids to strings"
     )
+
+
+def _check_finite(value: float, path: str) -> None:
+    # JSON has no NaN or infinity: serialized, they become null, so the event read back would
+    # differ from the one published.
+    if not math.isfinite(value):
+        raise ValueError(
+            f"{_where(path)}is {value!r}, which JSON cannot represent. Use null, a finite "
+            "number, or a string"
+        )
 
 
 def _join(path: str, key: str) -> str:

@@ -26,7 +26,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
 )
-from pydantic_core import CoreSchema, core_schema
+from pydantic_core import CoreSchema, PydanticSerializationError, core_schema
 
 from forge.exceptions import (
     MISSING,
@@ -368,7 +368,12 @@ class Event(ForgeBaseModel, Generic[DataT]):
 
     def to_json(self) -> bytes:
         """Serialize to UTF-8 JSON, the same bytes as `model_dump_json()`; `parse_event` gives
-        back an equal event."""
+        back an equal event.
+
+        Raises:
+            EventValidationError: a text in a JSON field contains a lone surrogate, such as
+                `"\\ud800"`, which UTF-8 cannot encode.
+        """
         try:
             # orjson writes the fields in the order pydantic does, and formats UUIDs,
             # datetimes, floats and enum members as it does: 1.05 µs per event on the
@@ -376,9 +381,17 @@ class Event(ForgeBaseModel, Generic[DataT]):
             # compares the bytes of both for every event type.
             return orjson.dumps(self, default=_json_default, option=orjson.OPT_UTC_Z)
         except orjson.JSONEncodeError:
-            # orjson refuses integers beyond 64 bits and lone surrogates; pydantic writes the
-            # former and rejects the latter with its own error, as before.
+            pass
+        # orjson refuses integers beyond 64 bits, which pydantic writes, and lone surrogates.
+        # Typed text fields reject those on creation; JSON fields such as metadata do not.
+        try:
             return self.__pydantic_serializer__.to_json(self)
+        except PydanticSerializationError as error:
+            raise EventValidationError(
+                f"Event {self.id} ({self.type.value}) cannot be written as JSON: {error}. "
+                "Remove lone surrogates from its texts, or encode such data as base64.",
+                [FieldProblem("<event>", None, "not valid UTF-8 text")],
+            ) from error
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-compatible dict of the event."""

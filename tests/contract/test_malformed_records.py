@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from forge.core.events.dead_letters import DECODE_STAGE, DeadLetterStatus
-from forge.exceptions import BatchPublishError, EventTooLargeError
+from forge.exceptions import BatchPublishError, EventTooLargeError, EventValidationError
 from forge.models.events import EventType
 from tests.helpers import MAX_EVENT_BYTES, Recorder, capsule_created, vote_cast
 
@@ -234,6 +234,23 @@ async def test_oversized_batch_event_named(backend: Any) -> None:
     assert caught.value.acknowledged == 3 - len(caught.value.failed)
     assert caught.value.retriable is False
     assert str(caught.value).startswith("1 of 3 events ")
+
+
+async def test_unencodable_batch_event_named(backend: Any) -> None:
+    first, unencodable, last = (
+        capsule_created(),
+        capsule_created(metadata={"note": "half of a pair \ud83d"}),
+        capsule_created(),
+    )
+
+    with pytest.raises(BatchPublishError) as caught:
+        await backend.publisher.publish_batch([first, unencodable, last])
+
+    error = caught.value.failed[unencodable.id]
+    assert isinstance(error, EventValidationError)
+    assert "lone surrogates" in str(error)
+    assert caught.value.acknowledged == 3 - len(caught.value.failed)
+    assert caught.value.retriable is False
 
 
 async def test_batch_failure_lists_unwritten_events(backend: Any) -> None:
