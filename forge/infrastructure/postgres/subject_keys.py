@@ -104,7 +104,9 @@ class PostgresSubjectKeyStore:
 
     async def forget_many(self, subject_ids: Sequence[UUID]) -> dict[UUID, bool]:
         """Return what `forget` returns for each subject, in one statement for all."""
-        unique = list(dict.fromkeys(subject_ids))
+        # Sorted, as in `keys_for`: in the order given, erasing subjects while a batch created
+        # keys for the same ones deadlocked 32 times in 600 calls.
+        unique = sorted(set(subject_ids))
         if not unique:
             return {}
         rows = await self._database.fetch(
