@@ -64,13 +64,15 @@ def _replace_data(event: Event[Any], values: dict[str, Any]) -> Event[Any]:
     return event.model_copy(update={"data": type(event.data).model_validate(data)})
 
 
-def _plain_values(event: Event[Any]) -> dict[str, Any]:
-    """Return the personal fields of the event that are not sealed yet."""
-    return {
-        name: value
-        for name, value in _personal_values(event).items()
-        if not (isinstance(value, str) and value.startswith(SEALED_PREFIX))
-    }
+def _is_sealed(value: Any, key: bytes | None, event: Event[Any]) -> bool:
+    """Return whether `value` is a token that `key` sealed for this event.
+
+    The prefix alone proves nothing: a client may send a user agent that starts with it, and
+    such a value was stored in clear.
+    """
+    if not (isinstance(value, str) and value.startswith(SEALED_PREFIX)) or key is None:
+        return False
+    return _decrypt(key, value, event) is not None
 
 
 def _required_subject(event: Event[Any]) -> UUID:
@@ -90,9 +92,16 @@ def _with_sealed(event: Event[Any], values: dict[str, str | None]) -> Event[Any]
     return event.model_copy(update={"data": event.data.model_copy(update=values)})
 
 
-def _seal_with(event: Event[Any], plain: dict[str, Any], key: bytes | None) -> Event[Any]:
+def _seal_with(event: Event[Any], values: dict[str, Any], key: bytes | None) -> Event[Any]:
+    """Return the event with each of the personal `values` sealed by `key`, unless it already is.
+
+    Without a key, the subject was anonymized: their new personal data is not kept either, and
+    values that look sealed are dropped too, as nothing can tell them from plain ones.
+    """
+    plain = {name: value for name, value in values.items() if not _is_sealed(value, key, event)}
+    if not plain:
+        return event
     if key is None:
-        # The subject was anonymized: their new personal data is not kept either.
         return _with_sealed(event, dict.fromkeys(plain))
     cipher = AESGCM(key)
     sealed: dict[str, str | None] = {}
@@ -111,12 +120,12 @@ class PersonalDataProtector:
 
     async def seal(self, event: Event[Any]) -> Event[Any]:
         """Return the event with each personal field encrypted; events without any unchanged."""
-        plain = _plain_values(event)
-        if not plain:
+        values = _personal_values(event)
+        if not values:
             return event
         subject = _required_subject(event)
         key = await self._keys.key_for(subject, create=True)
-        return _seal_with(event, plain, key)
+        return _seal_with(event, values, key)
 
     async def seal_many(self, events: Sequence[Event[Any]]) -> list[Event[Any]]:
         """Return the events with personal fields sealed, as `seal` does for each one.
@@ -128,9 +137,9 @@ class PersonalDataProtector:
         for index, event in enumerate(events):
             if not event.data.personal_fields():
                 continue
-            plain = _plain_values(event)
-            if plain:
-                to_seal[index] = (plain, _required_subject(event))
+            values = _personal_values(event)
+            if values:
+                to_seal[index] = (values, _required_subject(event))
         sealed = list(events)
         if not to_seal:
             return sealed
@@ -142,8 +151,8 @@ class PersonalDataProtector:
             keys: dict[UUID, bytes | None] = await keys_for(subjects, create=True)
         else:
             keys = {subject: await self._keys.key_for(subject, create=True) for subject in subjects}
-        for index, (plain, subject) in to_seal.items():
-            sealed[index] = _seal_with(events[index], plain, keys[subject])
+        for index, (values, subject) in to_seal.items():
+            sealed[index] = _seal_with(events[index], values, keys[subject])
         return sealed
 
     async def reveal(self, event: Event[Any]) -> Event[Any]:
@@ -188,11 +197,18 @@ class PersonalDataProtector:
             logger.info("personal_data_key_erased", subject_id=str(subject), erased=erased[subject])
 
 
-def _open(key: bytes, token: str, event: Event[Any]) -> Any:
+def _decrypt(key: bytes, token: str, event: Event[Any]) -> bytes | None:
+    """Return the plain bytes of a token sealed by `key` for this event, or None."""
     try:
         raw = base64.urlsafe_b64decode(token[len(SEALED_PREFIX) :].encode())
-        plain = AESGCM(key).decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], event.id.bytes)
+        return AESGCM(key).decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], event.id.bytes)
     except (InvalidTag, ValueError):
+        return None
+
+
+def _open(key: bytes, token: str, event: Event[Any]) -> Any:
+    plain = _decrypt(key, token, event)
+    if plain is None:
         logger.warning("personal_data_unreadable", event_id=str(event.id))
         return None
     return orjson.loads(plain)

@@ -110,7 +110,7 @@ ProposalOutcome = Literal["passed", "rejected", "no_quorum", "cancelled"]
 
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 Text = Annotated[str, Field(max_length=100_000)]
-Count = Annotated[int, Field(strict=True, ge=0)]
+Count = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
 Weight = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
 Milliseconds = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
 StrictFlag = Annotated[bool, Field(strict=True)]
@@ -382,8 +382,8 @@ class Event(ForgeBaseModel, Generic[DataT]):
             return orjson.dumps(self, default=_json_default, option=orjson.OPT_UTC_Z)
         except orjson.JSONEncodeError:
             pass
-        # orjson refuses integers beyond 64 bits, which pydantic writes, and lone surrogates.
-        # Typed text fields reject those on creation; JSON fields such as metadata do not.
+        # orjson refuses lone surrogates, which typed text fields reject on creation but JSON
+        # fields such as metadata do not. pydantic's serializer then raises an error naming it.
         try:
             return self.__pydantic_serializer__.to_json(self)
         except PydanticSerializationError as error:

@@ -253,6 +253,23 @@ def test_parsed_offset_converted_to_utc() -> None:
     assert parsed.timestamp.utcoffset() == timedelta(0)
 
 
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+02:00", "9999-12-31T23:00:00-02:00"])
+def test_timestamp_beyond_utc_years_rejected(moment: str) -> None:
+    raw = {**capsule_created().to_dict(), "timestamp": moment}
+
+    with pytest.raises(EventValidationError) as caught:
+        parse_event(raw)
+
+    assert caught.value.problems[0].location == "timestamp"
+    assert "outside the years 1 to 9999" in str(caught.value)
+
+
+def test_count_beyond_64_bits_rejected() -> None:
+    # orjson would read it back as a float, which the strict count field then rejects.
+    with pytest.raises(EventValidationError, match="data.result_count"):
+        events_module.CapsuleSearchedEvent.create(uuid4(), "lineage", 2**63)
+
+
 def test_default_timestamp_is_utc() -> None:
     assert capsule_created().timestamp.utcoffset() == timedelta(0)
 
