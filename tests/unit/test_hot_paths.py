@@ -367,9 +367,10 @@ def test_sealing_changes_only_personal_fields() -> None:
     assert revealed == event
 
 
-def test_sealing_for_anonymized_user_drops_personal_fields() -> None:
+@pytest.mark.parametrize("user_agent", ["curl/8.0", "sealed:v1:AAAA"])
+def test_sealing_for_anonymized_user_drops_personal_fields(user_agent: str) -> None:
     keys = _Keys()
-    event = UserAuthenticatedEvent.create(uuid4(), "10.1.2.3", "curl/8.0")
+    event = UserAuthenticatedEvent.create(uuid4(), "10.1.2.3", user_agent)
     asyncio.run(keys.forget(event.resource_id))  # type: ignore[arg-type]
 
     sealed = asyncio.run(PersonalDataProtector(keys).seal(event))
@@ -411,16 +412,6 @@ def test_token_of_another_event_is_sealed_again() -> None:
 
     assert sealed.data.user_agent != token
     assert asyncio.run(protector.reveal(sealed)).data.user_agent == token
-
-
-def test_sealed_looking_text_of_anonymized_user_dropped() -> None:
-    keys = _Keys()
-    event = UserAuthenticatedEvent.create(uuid4(), "10.1.2.3", "sealed:v1:AAAA")
-    asyncio.run(keys.forget(event.resource_id))  # type: ignore[arg-type]
-
-    sealed = asyncio.run(PersonalDataProtector(keys).seal(event))
-
-    assert sealed.data.user_agent is None
 
 
 def _personal_fields() -> list[tuple[type[Any], str]]:
