@@ -199,8 +199,13 @@ class PersonalDataProtector:
 
 def _decrypt(key: bytes, token: str, event: Event[Any]) -> bytes | None:
     """Return the plain bytes of a token sealed by `key` for this event, or None."""
+    encoded = token[len(SEALED_PREFIX) :].encode()
     try:
-        raw = base64.urlsafe_b64decode(token[len(SEALED_PREFIX) :].encode())
+        raw = base64.urlsafe_b64decode(encoded)
+        # The decoder skips characters outside the alphabet and ignores what follows the
+        # padding, so a token with text added would still open. Only the exact encoding counts.
+        if base64.urlsafe_b64encode(raw) != encoded:
+            return None
         return AESGCM(key).decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], event.id.bytes)
     except (InvalidTag, ValueError):
         return None

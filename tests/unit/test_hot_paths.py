@@ -401,6 +401,21 @@ def test_plain_text_with_sealed_prefix_is_sealed(user_agent: str) -> None:
     assert asyncio.run(protector.reveal(sealed)) == event
 
 
+@pytest.mark.parametrize("suffix", ["SECRET-plain-text", " 张伟 ☎", "!!!"])
+def test_token_with_text_added_is_sealed_again(suffix: str) -> None:
+    protector = PersonalDataProtector(_Keys())
+    sealed = asyncio.run(protector.seal(UserAuthenticatedEvent.create(uuid4(), "10.1.2.3", "curl")))
+    tampered = f"{sealed.data.user_agent}{suffix}"
+    event = sealed.model_copy(
+        update={"data": sealed.data.model_copy(update={"user_agent": tampered})}
+    )
+
+    resealed = asyncio.run(protector.seal(event))
+
+    assert suffix not in str(resealed.data.user_agent)
+    assert asyncio.run(protector.reveal(resealed)).data.user_agent == tampered
+
+
 def test_token_of_another_event_is_sealed_again() -> None:
     protector = PersonalDataProtector(_Keys())
     user = uuid4()
