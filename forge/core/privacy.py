@@ -68,7 +68,7 @@ def _is_sealed(value: Any, key: bytes | None, event: Event[Any]) -> bool:
     """Return whether `value` is a token that `key` sealed for this event.
 
     The prefix alone proves nothing: a client may send a user agent that starts with it, and
-    such a value was stored in clear.
+    such a value must still be sealed.
     """
     if not (isinstance(value, str) and value.startswith(SEALED_PREFIX)) or key is None:
         return False

@@ -61,12 +61,17 @@ _EXACT_SCALARS = _JSON_SCALARS - {float, int}
 integer may be too large."""
 
 JSON_INTEGER_RANGE = range(-(2**63), 2**63)
-"""Integers that JSON fields accept: the 64-bit signed ones, which a Java `long` holds too.
-orjson read 2**64 back as a float, so the event read back differed from the one published."""
+"""Integers that JSON fields accept: the 64-bit signed ones, which also fit in a Java `long`.
+orjson read 2**64 back as a float, so the event read back differed from the one published.
+
+NOTE: the check runs on values given in Python. JSON that Forge did not write reaches it after
+orjson, which already turned integers below -2**63 or from 2**64 on into floats, so those pass
+as floats without an error."""
 
 
 MAX_JSON_DEPTH = 100
-"""Deepest nesting of objects and arrays that `deep_freeze` accepts. pydantic's serializer
+"""Deepest nesting of objects and arrays that `deep_freeze` accepts, counted below the
+field's own object or array. pydantic's serializer
 failed on a value 300 levels deep, and Python's recursion limit follows soon after. The 100 is
 a choice with room below that, not a measured bound."""
 

@@ -382,7 +382,7 @@ class Event(ForgeBaseModel, Generic[DataT]):
             return orjson.dumps(self, default=_json_default, option=orjson.OPT_UTC_Z)
         except orjson.JSONEncodeError:
             pass
-        # orjson refuses lone surrogates, which typed text fields reject on creation but JSON
+        # orjson rejects lone surrogates, which typed text fields reject on creation but JSON
         # fields such as metadata do not. pydantic's serializer then raises an error naming it.
         try:
             return self.__pydantic_serializer__.to_json(self)

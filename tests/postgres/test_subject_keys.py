@@ -74,7 +74,7 @@ async def test_concurrent_batches_share_keys(keys: PostgresSubjectKeyStore) -> N
     assert all(key is not None for key in batches[0].values())
 
 
-async def test_key_committed_while_batch_waits_is_returned(
+async def test_concurrently_committed_key_returned(
     keys: PostgresSubjectKeyStore, database: PostgresDatabase
 ) -> None:
     # The batch's INSERT waits for the other transaction's row, then its SELECT, which began
@@ -105,7 +105,7 @@ async def test_key_committed_while_batch_waits_is_returned(
     assert found[other] is not None
 
 
-async def test_erasing_while_creating_does_not_deadlock(keys: PostgresSubjectKeyStore) -> None:
+async def test_erase_during_create_not_deadlocked(keys: PostgresSubjectKeyStore) -> None:
     # Each call locks its subjects' rows one by one; in opposite orders two calls could each
     # hold a row the other waits for. With the order given, 32 of 600 calls deadlocked.
     for _ in range(60):

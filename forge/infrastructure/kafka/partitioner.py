@@ -17,8 +17,9 @@ _MURMUR2_SEED = 0x9747B28C
 _MURMUR2_MULTIPLIER = 0x5BD1E995
 
 _MIN_KEYS_TOGETHER = 4
-"""Fewest keys of one length that `murmur2_many` hashes together; fewer go one by one. For
-36-byte keys, 3 keys took 2.3 µs each one by one, and 4 keys 1.6 µs each together."""
+"""Minimum number of keys of one length that `murmur2_many` hashes together; fewer are hashed
+one by one. For 36-byte keys, 3 keys took 2.3 µs each one by one, and 4 keys 1.6 µs each
+together."""
 
 
 def partition_of_key(key: bytes, partitions: Sequence[int]) -> int:
@@ -84,7 +85,7 @@ def murmur2_many(keys: Sequence[bytes]) -> list[int]:
 def _murmur2_lanes(keys: Sequence[bytes], length: int) -> tuple[int, ...]:
     """Run `murmur2` on keys of `length` bytes, each in its own 64-bit lane of one integer.
 
-    Each lane holds a value below 2**32 between steps, so its product with the 32-bit
+    Each lane contains a value below 2**32 between steps, so its product with the 32-bit
     multiplier fits in the lane's 64 bits and carries nothing into the next lane. A right shift
     moves the low bits of each lane into the high half of the lane below, so every shifted
     value is masked back to 32 bits per lane before it is used.
