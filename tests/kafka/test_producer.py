@@ -7,6 +7,7 @@ import socket
 import time
 from pathlib import Path
 from typing import Any
+from uuid import UUID, uuid4
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -171,3 +172,47 @@ async def test_process_producer_started_once(monkeypatch: pytest.MonkeyPatch) ->
     started = [entry for entry in logs if entry["event"] == "kafka_producer_started"]
     assert len(started) == 1
     assert not first.started
+
+
+async def test_batch_over_a_chunk_keeps_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(producer_module, "CHUNK_EVENTS", 3)
+    settings = kafka_settings(tmp_path)
+    before = await end_offsets(settings, [CAPSULE_TOPIC])
+    capsule_id = uuid4()
+    # One resource, so one partition: the broker keeps them in the order it received them.
+    events = [capsule_created(capsule_id, title=f"Version {number}") for number in range(10)]
+
+    async with KafkaEventProducer(settings=settings) as producer:
+        await producer.publish_batch(events)
+
+    published = [parse_event(value) for value in await _read_new(settings, before)]
+    assert [event.id for event in published if event.resource_id == capsule_id] == [
+        event.id for event in events
+    ]
+
+
+async def test_chunk_not_acknowledged_stops_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(producer_module, "CHUNK_EVENTS", 2)
+    events = [capsule_created() for _ in range(5)]
+    sent: list[list[UUID]] = []
+
+    async def broker_times_out(producer: Any, outgoing: list[Any]) -> dict[Any, PublishError]:
+        sent.append([item.event.id for item in outgoing])
+        timeout = PublishError("KafkaTimeoutError: no acknowledgement within 30 s")
+        timeout.retriable = True
+        return {outgoing[0].event.id: timeout}
+
+    async with KafkaEventProducer(settings=kafka_settings(tmp_path)) as producer:
+        monkeypatch.setattr(producer, "_send_all", broker_times_out)
+        with pytest.raises(BatchPublishError) as caught:
+            await producer.publish_batch(events)
+
+    assert sent == [[events[0].id, events[1].id]]
+    assert set(caught.value.failed) == {events[0].id, *(event.id for event in events[2:])}
+    assert "earlier part of its batch failed" in str(caught.value.failed[events[4].id])
+    assert caught.value.acknowledged == 1
+    assert caught.value.retriable is True
