@@ -301,7 +301,8 @@ class Event(ForgeBaseModel, Generic[DataT]):
 
     Build one with the typed class's `create` factory (`CapsuleCreatedEvent.create(...)`) and
     rebuild one from JSON with `parse_event`, which returns the typed class. `Event` itself is
-    abstract: constructing it directly raises `TypeError`.
+    abstract: constructing it directly raises `TypeError`. Creating one with a `schema_version`
+    above the class's `SCHEMA_VERSION` raises `EventSchemaError`, as every consumer would.
     """
 
     # Forge's models store enum values; events keep `type` an `EventType` member instead.
@@ -350,11 +351,27 @@ class Event(ForgeBaseModel, Generic[DataT]):
                 "Event is abstract; build a typed event such as CapsuleDeletedEvent.create(...) "
                 "or call parse_event(...) on serialized data"
             )
-        values.setdefault("schema_version", type(self).SCHEMA_VERSION)
+        current = type(self).SCHEMA_VERSION
+        values.setdefault("schema_version", current)
         try:
             super().__init__(**values)
         except ValidationError as error:
             raise _translate(error, type(self).model_fields["type"].default.value) from error
+        # Checked here rather than in a validator, so that `event_from_object`, which skips
+        # `__init__` and upgrades the version in `_upgrade` first, pays nothing for it.
+        if self.schema_version > current:
+            type_value = type(self).model_fields["type"].default.value
+            raise EventSchemaError(
+                f"Cannot create a {type_value} event with schema_version "
+                f"{self.schema_version}: this code writes version {current}, and every "
+                "consumer rejects a newer version as unknown. Leave schema_version out, or "
+                f"set it to {current}.",
+                [
+                    FieldProblem(
+                        "schema_version", self.schema_version, f"newer than version {current}"
+                    )
+                ],
+            )
 
     @property
     def topic(self) -> str:

@@ -419,6 +419,21 @@ def test_created_event_has_current_version() -> None:
     assert capsule_created().schema_version == CapsuleCreatedEvent.SCHEMA_VERSION
 
 
+@pytest.mark.parametrize(
+    ("version", "number"), [(2, 2), (5, 5), ("5", 5)], ids=["2", "5", "text-5"]
+)
+def test_newer_schema_version_rejected_on_create(version: object, number: int) -> None:
+    # Every consumer would reject such an event as newer than known, so it must not be written.
+    with pytest.raises(EventSchemaError) as caught:
+        CapsuleCreatedEvent(data={"capsule_type": "note"}, schema_version=version)
+
+    assert str(caught.value).startswith(
+        f"Cannot create a capsule.created event with schema_version {number}"
+    )
+    assert "Leave schema_version out" in str(caught.value)
+    assert [(p.location, p.value) for p in caught.value.problems] == [("schema_version", number)]
+
+
 @pytest.fixture
 def capsule_schema_v2(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend `capsule.created` is at schema version 2, with no upcaster registered yet."""
@@ -461,6 +476,13 @@ def test_missing_upcaster_rejected() -> None:
 
     with pytest.raises(EventSchemaError, match="No upcaster from schema_version 1 of capsule"):
         parse_event(stored_v1)
+
+
+@pytest.mark.usefixtures("capsule_schema_v2")
+def test_create_checks_class_version() -> None:
+    assert CapsuleCreatedEvent(data={"capsule_type": "note"}).schema_version == 2
+    with pytest.raises(EventSchemaError, match="schema_version 3: this code writes version 2"):
+        CapsuleCreatedEvent(data={"capsule_type": "note"}, schema_version=3)
 
 
 @pytest.mark.usefixtures("capsule_schema_v2")
