@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum, IntEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 from uuid import UUID, uuid4
 
 import orjson
@@ -23,6 +24,7 @@ from forge.infrastructure.sqlite.event_log import row_to_record, rows_to_records
 from forge.models.base import MAX_JSON_DEPTH, FrozenDict, deep_freeze, thaw, uuid_text
 from forge.models.events import (
     EVENT_CLASSES,
+    CapsuleUpdatedEvent,
     ConfigChangedEvent,
     Event,
     EventType,
@@ -196,12 +198,18 @@ class _Name(str):
     pass
 
 
+class _Point(NamedTuple):
+    x: int
+    y: int
+
+
 @pytest.mark.parametrize(
     ("value", "path", "kind"),
     [
         ({"when": datetime(2026, 1, 1)}, "'when'", "datetime"),
         ({"a": {"b": [1, {"c": uuid4()}]}}, "'a.b[1].c'", "UUID"),
-        ({"pair": (1, 2)}, "'pair'", "tuple"),
+        ({"blob": b"\x00"}, "'blob'", "bytes"),
+        ({"point": _Point(1, 2)}, "'point'", "_Point"),
         ({"tags": {"x"}}, "'tags'", "set"),
         ({"a": {1: "one"}}, "'a' has the key 1", "int"),
     ],
@@ -479,3 +487,61 @@ def test_json_list_subclass_becomes_tuple() -> None:
     event = capsule_created(metadata={"tags": Tags(["a", "b"])})
 
     assert event.metadata["tags"] == ("a", "b")
+
+
+def test_frozen_metadata_reused() -> None:
+    # Copying metadata from one event to the next passes its tuples and FrozenDicts on.
+    first = capsule_created(metadata={"tags": ["a", "b"], "origin": {"path": [1, {"c": []}]}})
+
+    second = capsule_created(metadata=first.metadata)
+
+    assert second.metadata == first.metadata
+    assert type(second.metadata["origin"]) is FrozenDict
+    assert parse_event(second.to_json()) == second
+
+
+def test_frozen_payload_values_reused() -> None:
+    updated = CapsuleUpdatedEvent.create(
+        uuid4(), uuid4(), "1", "2", ["tags"], changes={"tags": ["a", {"b": [1]}]}
+    )
+    config = ConfigChangedEvent.create("limits", None, [1, {"deep": [None, True]}])
+
+    again = CapsuleUpdatedEvent.create(
+        uuid4(), uuid4(), "2", "3", ["tags"], changes=updated.data.changes
+    )
+    config_again = ConfigChangedEvent.create("limits", config.data.new_value, (2,))
+
+    assert again.data.changes == {"tags": ("a", {"b": (1,)})}
+    assert config_again.data.old_value == (1, {"deep": (None, True)})
+    assert config_again.data.new_value == (2,)
+    assert parse_event(config_again.to_json()) == config_again
+
+
+def _nested_tuple(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = (value,)
+    return value
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"a": (1.5, float("inf"))}, "the value at 'a[1]' is inf"),
+        ({"a": (0, {"b": 2**63})}, "the value at 'a[1].b' is 9223372036854775808, beyond"),
+        ({"a": (uuid4(),)}, "the value at 'a[0]' is of type UUID"),
+        ({"a": (FrozenDict({1: "one"}),)}, "the value at 'a[0]' has the key 1"),
+        ({"m": _nested_tuple(MAX_JSON_DEPTH + 1)}, "nested deeper than 100 levels"),
+    ],
+    ids=["inf", "big-int", "uuid", "int-key", "depth"],
+)
+def test_tuple_checked_like_list(metadata: dict[str, Any], message: str) -> None:
+    with pytest.raises(EventValidationError, match=re.escape(message)):
+        capsule_created(metadata=metadata)
+
+
+def test_frozen_value_at_depth_limit_reused() -> None:
+    # Tuples count one level each, as lists do, so the deepest value accepted can be copied.
+    frozen = capsule_created(metadata={"m": _nested(MAX_JSON_DEPTH)}).metadata
+
+    assert capsule_created(metadata=frozen).metadata == frozen
