@@ -90,7 +90,8 @@ def deep_freeze(value: Any, path: str = "", depth: int = 0) -> Any:
     Raises:
         ValueError: a value is not JSON (a set, a named tuple, a datetime, a UUID, NaN or
             infinity...), an integer is outside `JSON_INTEGER_RANGE`, a key is not a string,
-            or the nesting is deeper than `MAX_JSON_DEPTH`. The message gives the path.
+            two keys of an object have the same text once made plain strings, or the nesting
+            is deeper than `MAX_JSON_DEPTH`. The message gives the path.
     """
     if depth > MAX_JSON_DEPTH and isinstance(value, dict | list | tuple):
         raise ValueError(
@@ -132,6 +133,9 @@ def deep_freeze(value: Any, path: str = "", depth: int = 0) -> Any:
                 if type(item) in _EXACT_SCALARS
                 else deep_freeze(item, _join(path, key), depth + 1)
             )
+        if len(frozen) != len(value):
+            # Two keys became the same plain string; one value was overwritten.
+            _reject_repeated_keys(value, path)
         return FrozenDict(frozen)
     if type(value) is tuple:
         # An array of a frozen value. A named tuple is not taken: its field names would be lost.
@@ -171,6 +175,25 @@ def _check_number(value: float, path: str) -> None:
             f"{_where(path)}is {value!r}, which JSON cannot represent. Use null, a finite "
             "number, or a string"
         )
+
+
+def _reject_repeated_keys(value: dict[Any, Any], path: str) -> None:
+    """Raise `ValueError` naming the first two keys of `value` with the same text.
+
+    Only `str` subclasses that hash or compare apart from their text can be two keys of one
+    dict with the same text.
+    """
+    seen: dict[str, type] = {}
+    for key in value:
+        text = str.__str__(key)
+        if text in seen:
+            raise ValueError(
+                f"{_where(path)}has two keys that both read {text!r} (of types "
+                f"{seen[text].__name__} and {type(key).__name__}), but a JSON object holds a "
+                "key once, so one value would be lost. Rename one of the keys, or merge their "
+                "values"
+            )
+        seen[text] = type(key)
 
 
 def _join(path: str, key: str) -> str:

@@ -545,3 +545,44 @@ def test_frozen_value_at_depth_limit_reused() -> None:
     frozen = capsule_created(metadata={"m": _nested(MAX_JSON_DEPTH)}).metadata
 
     assert capsule_created(metadata=frozen).metadata == frozen
+
+
+class _OwnHashKey(str):
+    """A key that hashes apart from its text, so a dict can also hold the plain string."""
+
+    def __hash__(self) -> int:
+        return hash(("own", str.__str__(self)))
+
+
+class _IdentityKey(str):
+    """A key equal only to itself, so a dict can hold two of them with the same text."""
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+@pytest.mark.parametrize(
+    ("labels", "types"),
+    [
+        ({_OwnHashKey("a"): 1, "a": 2}, "_OwnHashKey and str"),
+        ({"a": 1, _OwnHashKey("a"): 2}, "str and _OwnHashKey"),
+        ({_IdentityKey("a"): 1, _IdentityKey("a"): 2}, "_IdentityKey and _IdentityKey"),
+    ],
+    ids=["subclass-first", "plain-first", "same-subclass"],
+)
+def test_keys_equal_as_text_rejected(labels: dict[str, int], types: str) -> None:
+    # Keys become plain strings, and two with the same text would keep only one value.
+    # A StrEnum member cannot cause this: it hashes and compares as its text, so a dict
+    # literal with it and the same plain string already holds a single key.
+    assert len(labels) == 2
+
+    with pytest.raises(EventValidationError) as caught:
+        capsule_created(metadata={"labels": labels})
+
+    assert f"the value at 'labels' has two keys that both read 'a' (of types {types})" in str(
+        caught.value
+    )
+    assert "Rename one of the keys" in str(caught.value)
