@@ -25,7 +25,11 @@ class DeadLetterStatus(str, Enum):
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A parked record with why it was parked, by which handler, after how many attempts."""
+    """A parked record with why it was parked, by which handler, after how many attempts.
+
+    `extra` holds further details of the failure as text, kept by the stores with the letter;
+    parking the same record and handler again replaces it, as it replaces `reason`.
+    """
 
     group_id: str
     topic: str
@@ -51,7 +55,10 @@ class DeadLetterStore(Protocol):
     """Keeps dead letters durably; one record per (group, topic, partition, offset, handler)."""
 
     async def park(self, letters: Sequence[DeadLetter]) -> None:
-        """Store the letters; parking the same record and handler again updates it."""
+        """Store the letters; parking the same record and handler again updates it.
+
+        The update replaces the letter's reason, error type, attempts, status and `extra`.
+        """
 
     async def list(
         self,

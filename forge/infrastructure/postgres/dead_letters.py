@@ -19,7 +19,7 @@ from forge.infrastructure.postgres.database import PostgresDatabase, status_coun
 
 _COLUMNS = (
     "id, group_id, topic, partition, log_offset, key, value, headers, event_id, event_type, "
-    "reason, error_type, handler, attempts, status, parked_at"
+    "reason, error_type, handler, attempts, status, parked_at, extra"
 )
 
 
@@ -41,6 +41,7 @@ def _row_to_letter(row: Any) -> DeadLetter:
         attempts=row["attempts"],
         status=DeadLetterStatus(row["status"]),
         parked_at=row["parked_at"],
+        extra=orjson.loads(row["extra"]),
     )
 
 
@@ -73,6 +74,7 @@ class PostgresDeadLetterStore:
                 letter.handler,
                 letter.attempts,
                 DeadLetterStatus.PARKED.value,
+                orjson.dumps(dict(letter.extra)).decode(),
             )
             for letter in letters
         ]
@@ -82,12 +84,12 @@ class PostgresDeadLetterStore:
             await connection.executemany(
                 "INSERT INTO dead_letters (group_id, topic, partition, log_offset, key, value, "
                 "headers, event_id, event_type, reason, error_type, handler, attempts, status, "
-                "parked_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10, "
-                "$11, $12, $13, $14, now(), now()) "
+                "parked_at, updated_at, extra) VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, "
+                "$9, $10, $11, $12, $13, $14, now(), now(), $15::jsonb) "
                 "ON CONFLICT (group_id, topic, partition, log_offset, handler) DO UPDATE SET "
                 "reason = excluded.reason, error_type = excluded.error_type, "
                 "attempts = excluded.attempts, status = excluded.status, "
-                "updated_at = excluded.updated_at, claimed_until = NULL",
+                "updated_at = excluded.updated_at, claimed_until = NULL, extra = excluded.extra",
                 rows,
             )
 

@@ -15,7 +15,7 @@ from forge.infrastructure.sqlite.database import SqliteDatabase
 
 _COLUMNS = (
     "id, group_id, topic, partition, log_offset, key, value, headers, event_id, event_type, "
-    "reason, error_type, handler, attempts, status, parked_at"
+    "reason, error_type, handler, attempts, status, parked_at, extra"
 )
 
 
@@ -37,6 +37,7 @@ def _row_to_letter(row: tuple[Any, ...]) -> DeadLetter:
         attempts,
         status,
         parked_at,
+        extra,
     ) = row
     return DeadLetter(
         id=letter_id,
@@ -55,6 +56,7 @@ def _row_to_letter(row: tuple[Any, ...]) -> DeadLetter:
         attempts=attempts,
         status=DeadLetterStatus(status),
         parked_at=datetime.fromisoformat(parked_at),
+        extra=orjson.loads(extra),
     )
 
 
@@ -86,6 +88,7 @@ class SqliteDeadLetterStore:
                 DeadLetterStatus.PARKED.value,
                 now,
                 now,
+                orjson.dumps(dict(letter.extra)).decode(),
             )
             for letter in letters
         ]
@@ -96,11 +99,12 @@ class SqliteDeadLetterStore:
             connection.executemany(
                 "INSERT INTO dead_letters (group_id, topic, partition, log_offset, key, value, "
                 "headers, event_id, event_type, reason, error_type, handler, attempts, status, "
-                "parked_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "parked_at, updated_at, extra) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (group_id, topic, partition, log_offset, handler) DO UPDATE SET "
                 "reason = excluded.reason, error_type = excluded.error_type, "
                 "attempts = excluded.attempts, status = excluded.status, "
-                "updated_at = excluded.updated_at",
+                "updated_at = excluded.updated_at, extra = excluded.extra",
                 rows,
             )
 

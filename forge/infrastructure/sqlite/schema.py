@@ -104,6 +104,10 @@ MIGRATIONS: list[str] = [
         erased_at TEXT
     );
     """,
+    # 3: `DeadLetter.extra`, a JSON object; letters parked before have none
+    """
+    ALTER TABLE dead_letters ADD COLUMN extra TEXT NOT NULL DEFAULT '{}';
+    """,
 ]
 
 
