@@ -67,6 +67,14 @@ class ForgeSettings(BaseSettings):
         gt=0,
         description="How long a process waits at start-up for an unreachable database.",
     )
+    postgres_pool_min_size: int = Field(
+        default=1, ge=0, description="Minimum connections each process keeps open to PostgreSQL."
+    )
+    postgres_pool_max_size: int = Field(
+        default=10,
+        ge=1,
+        description="Maximum connections each process opens to PostgreSQL; further callers wait.",
+    )
     postgres_schema: str = Field(
         default="public",
         description="Schema of Forge's tables, created when missing; separate schemas let "

@@ -8,6 +8,7 @@ import socket
 import asyncpg
 import pytest
 
+from forge.config import ForgeSettings
 from forge.exceptions import (
     ConfigurationError,
     ConflictError,
@@ -217,6 +218,29 @@ def test_invalid_schema_name_is_rejected(name: str) -> None:
 def test_invalid_pool_size_is_rejected() -> None:
     with pytest.raises(ConfigurationError, match="Invalid pool size"):
         PostgresDatabase("postgresql://forge@127.0.0.1:54329/forge", min_size=3, max_size=2)
+
+
+async def test_pool_sizes_from_settings(postgres_dsn: str, schema: str) -> None:
+    settings = ForgeSettings(
+        postgres_dsn=postgres_dsn,
+        postgres_schema=schema,
+        postgres_pool_min_size=2,
+        postgres_pool_max_size=3,
+    )
+
+    async with PostgresDatabase.from_settings(settings) as database:
+        assert database._pool.get_min_size() == 2
+        assert database._pool.get_max_size() == 3
+
+
+def test_pool_sizes_in_wrong_order_rejected() -> None:
+    settings = ForgeSettings(postgres_pool_min_size=4, postgres_pool_max_size=2)
+
+    with pytest.raises(ConfigurationError) as caught:
+        PostgresDatabase.from_settings(settings)
+
+    assert "min_size=4, max_size=2" in str(caught.value)
+    assert "FORGE_POSTGRES_POOL_MAX_SIZE" in str(caught.value)
 
 
 async def test_pool_exhaustion_raises_unavailable(postgres_dsn: str, schema: str) -> None:

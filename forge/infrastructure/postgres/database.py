@@ -172,7 +172,8 @@ class PostgresDatabase:
         if min_size < 0 or max_size < 1 or min_size > max_size:
             raise ConfigurationError(
                 f"Invalid pool size min_size={min_size}, max_size={max_size}; use "
-                "0 <= min_size <= max_size and max_size >= 1."
+                "0 <= min_size <= max_size and max_size >= 1 (FORGE_POSTGRES_POOL_MIN_SIZE and "
+                "FORGE_POSTGRES_POOL_MAX_SIZE)."
             )
         for name, value in (
             ("connect_timeout", connect_timeout),
@@ -197,11 +198,21 @@ class PostgresDatabase:
     def from_settings(
         cls, settings: ForgeSettings, *, schema: str | None = None
     ) -> PostgresDatabase:
-        """Build a database from `FORGE_POSTGRES_DSN` and `FORGE_POSTGRES_SCHEMA`, or `schema`.
+        """Build a database from `FORGE_POSTGRES_DSN`, `FORGE_POSTGRES_SCHEMA` (or `schema`)
+        and the pool sizes `FORGE_POSTGRES_POOL_MIN_SIZE` and `FORGE_POSTGRES_POOL_MAX_SIZE`.
 
         Call `open()` before use.
+
+        Raises:
+            ConfigurationError: the schema name is invalid, or the minimum pool size is above
+                the maximum.
         """
-        return cls(settings.postgres_dsn, schema=schema or settings.postgres_schema)
+        return cls(
+            settings.postgres_dsn,
+            schema=schema or settings.postgres_schema,
+            min_size=settings.postgres_pool_min_size,
+            max_size=settings.postgres_pool_max_size,
+        )
 
     def __repr__(self) -> str:
         return f"PostgresDatabase({self.dsn!r}, schema={self.schema!r})"
