@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from benchmarks import embedded, kafka, memory, postgres, replay
 from benchmarks.eventgen import EventGenerator
@@ -54,7 +55,7 @@ def _guarded(name: str, function: Callable[[], list[Row]]) -> list[Row]:
 
 
 def run_groups(groups: list[str], scale: Scale, provision: bool) -> list[Row]:
-    events: list[Event[object]] = EventGenerator().events(scale.throughput_events)
+    events: list[Event[Any]] = EventGenerator().events(scale.throughput_events)
     freeze_fixtures()
     rows: list[Row] = []
     if "embedded" in groups:

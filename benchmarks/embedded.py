@@ -55,6 +55,21 @@ async def _noop(event: Event[Any]) -> None:
 # Forge -----------------------------------------------------------------------------------------
 
 
+async def forge_publish(runtime: Runtime, events: Sequence[Event[Any]], batch_size: int) -> float:
+    """Publish `events` with publish_many, `batch_size` per call; return the seconds."""
+    started = time.perf_counter()
+    for start in range(0, len(events), batch_size):
+        await runtime.events.publish_many(events[start : start + batch_size])
+    return time.perf_counter() - started
+
+
+async def forge_publish_only(
+    data_dir: Path, events: Sequence[Event[Any]], batch_size: int
+) -> float:
+    async with Runtime(settings_for(data_dir)) as runtime:
+        return await forge_publish(runtime, events, batch_size)
+
+
 async def forge_publish_and_consume(
     data_dir: Path, events: Sequence[Event[Any]], batch_size: int
 ) -> tuple[float, float]:
@@ -63,10 +78,7 @@ async def forge_publish_and_consume(
     Returns (publish seconds, consume seconds).
     """
     async with Runtime(settings_for(data_dir)) as runtime:
-        started = time.perf_counter()
-        for start in range(0, len(events), batch_size):
-            await runtime.events.publish_many(events[start : start + batch_size])
-        publish_seconds = time.perf_counter() - started
+        publish_seconds = await forge_publish(runtime, events, batch_size)
 
         consumer = runtime.consumer(CONSUMER_GROUP)
         for event_type in EventType:
@@ -100,8 +112,7 @@ async def forge_audit(
         raise RuntimeError(f"the recorder stored {recorder.recorded} of {len(events)} events")
 
     async with Runtime(settings_for(data_dir / "consumer")) as runtime:
-        for start in range(0, len(events), batch_size):
-            await runtime.events.publish_many(events[start : start + batch_size])
+        await forge_publish(runtime, events, batch_size)
         consumer, recorder = runtime.audit_consumer()
         await consumer.start()
         try:
@@ -224,6 +235,8 @@ def run(scale: Scale, events: Sequence[Event[Any]]) -> list[Row]:
         for name in (
             "publish",
             "publish_anchor",
+            "publish_small",
+            "publish_small_anchor",
             "consume",
             "consume_anchor",
             "audit",
@@ -237,7 +250,7 @@ def run(scale: Scale, events: Sequence[Event[Any]]) -> list[Row]:
             connection = open_anchor_database(root / "anchor-log.sqlite3", settings)
             try:
                 figures["publish_anchor"].append(
-                    count / anchor_insert(connection, rows_for_log, scale.batch_size)
+                    count / anchor_insert(connection, rows_for_log, scale.publish_batch_size)
                 )
                 seconds, read = anchor_consume(connection, scale.batch_size)
                 if read != count:
@@ -247,10 +260,24 @@ def run(scale: Scale, events: Sequence[Event[Any]]) -> list[Row]:
                 connection.close()
 
             publish_seconds, consume_seconds = asyncio.run(
-                forge_publish_and_consume(root / "forge-log", events, scale.batch_size)
+                forge_publish_and_consume(root / "forge-log", events, scale.publish_batch_size)
             )
             figures["publish"].append(count / publish_seconds)
             figures["consume"].append(count / consume_seconds)
+
+            connection = open_anchor_database(root / "anchor-log-small.sqlite3", settings)
+            try:
+                figures["publish_small_anchor"].append(
+                    count / anchor_insert(connection, rows_for_log, scale.batch_size)
+                )
+            finally:
+                connection.close()
+            figures["publish_small"].append(
+                count
+                / asyncio.run(
+                    forge_publish_only(root / "forge-log-small", events, scale.batch_size)
+                )
+            )
 
             connection = open_anchor_database(root / "anchor-audit.sqlite3", settings)
             try:
@@ -275,8 +302,22 @@ def run(scale: Scale, events: Sequence[Event[Any]]) -> list[Row]:
             Summary.of(figures["publish_anchor"]),
             "sqlite3 executemany",
             [at_least(PUBLISH_FLOOR_EVENTS_PER_SECOND, "events/s"), ratio_at_least(0.5)],
+            details={"events": count, "batch_size": scale.publish_batch_size},
+            note=(
+                f"EventService.publish_many to the SQLite event log, {count:,} events, "
+                f"{scale.publish_batch_size:,} per call"
+            ),
+        ),
+        Row(
+            f"embedded publish, {scale.batch_size} per call",
+            GROUP,
+            "events/s",
+            Summary.of(figures["publish_small"]),
+            Summary.of(figures["publish_small_anchor"]),
+            "sqlite3 executemany",
+            [],
             details={"events": count, "batch_size": scale.batch_size},
-            note=f"EventService.publish_many to the SQLite event log, {batch}",
+            note=f"the row above with {scale.batch_size} events per call and per executemany",
         ),
         Row(
             "embedded consume",

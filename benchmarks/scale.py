@@ -11,7 +11,10 @@ class Scale:
     throughput_events: int
     """Events published, consumed and recorded by each throughput run."""
     batch_size: int
-    """Events per publish_many call and per audit batch; also the anchors' batch size."""
+    """Events per audit batch and per batch read by the consume anchors: the consumers' batch."""
+    publish_batch_size: int
+    """Events per `publish_many` call in the publish throughput rows, and per `executemany` of
+    their SQLite anchor. Rows marked "500 per call" repeat them with `batch_size`."""
     replay_capsules: int
     replay_events_per_capsule: int
     memory_events: int
@@ -34,6 +37,7 @@ FULL = Scale(
     runs=3,
     throughput_events=100_000,
     batch_size=500,
+    publish_batch_size=5_000,
     replay_capsules=100_000,
     replay_events_per_capsule=10,
     memory_events=1_000_000,
@@ -48,6 +52,7 @@ SMOKE = Scale(
     runs=1,
     throughput_events=2_000,
     batch_size=500,
+    publish_batch_size=1_000,
     replay_capsules=500,
     replay_events_per_capsule=10,
     memory_events=5_000,

@@ -17,6 +17,7 @@ import pytest
 REPOSITORY = Path(__file__).resolve().parent.parent.parent
 EMBEDDED_ROWS = {
     "embedded publish",
+    "embedded publish, 500 per call",
     "embedded consume",
     "audit recorder, SQLite",
     "audit recorder, SQLite, log to trail",
@@ -94,6 +95,11 @@ def test_memory_row_has_resident_sizes(smoke_run: tuple[Any, dict[str, Any]]) ->
 def test_throughput_rows_have_anchor_ratio(smoke_run: tuple[Any, dict[str, Any]]) -> None:
     _, report = smoke_run
     rows = {row["name"]: row for row in report["rows"]}
-    for name in ("embedded publish", "embedded consume", "audit recorder, SQLite"):
+    for name in (
+        "embedded publish",
+        "embedded publish, 500 per call",
+        "embedded consume",
+        "audit recorder, SQLite",
+    ):
         assert rows[name]["anchor"]["median"] > 0, name
         assert rows[name]["ratio"] > 0, name
