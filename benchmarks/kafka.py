@@ -29,8 +29,8 @@ from benchmarks.harness import Row, Summary, at_most, freeze_fixtures, ratio_at_
 from benchmarks.scale import Scale
 from benchmarks.services import Server, kafka_server, postgres_server, provisioned
 from forge.config import ForgeSettings
-from forge.core.events.codec import encode_event
-from forge.infrastructure.kafka.common import event_topics, to_kafka_headers
+from forge.infrastructure.kafka.common import event_topics
+from forge.infrastructure.kafka.producer import to_record
 from forge.models.events import Event, EventType
 
 GROUP = "kafka"
@@ -78,9 +78,8 @@ def kafka_records(events: Sequence[Event[Any]], max_bytes: int) -> list[Record]:
     """Return the (topic, key, value, headers) records Forge's producer sends for `events`."""
     records: list[Record] = []
     for event in events:
-        encoded = encode_event(event, max_bytes)
-        key = encoded.key.encode() if encoded.key is not None else None
-        records.append((encoded.topic, key, encoded.value, to_kafka_headers(encoded.headers)))
+        record = to_record(event, max_bytes)
+        records.append((record.topic, record.key, record.value, record.headers))
     return records
 
 

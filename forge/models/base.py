@@ -134,7 +134,7 @@ def deep_freeze(value: Any, path: str = "", depth: int = 0) -> Any:
                 else deep_freeze(item, _join(path, key), depth + 1)
             )
         if len(frozen) != len(value):
-            # Two keys became the same plain string; one value was overwritten.
+            # Two keys became the same plain string, so one value was overwritten.
             _reject_repeated_keys(value, path)
         return FrozenDict(frozen)
     if type(value) is tuple:
@@ -273,6 +273,13 @@ def uuid_text(value: UUID) -> str:
         # own `__str__`.
         return str(value)
     return orjson.dumps(value)[1:-1].decode()
+
+
+def uuid_ascii(value: UUID) -> bytes:
+    """Return `str(value).encode()`, as `uuid_text` does, for Kafka keys and headers."""
+    if type(value) is not UUID:
+        return str(value).encode()
+    return orjson.dumps(value)[1:-1]
 
 
 class FrozenModel(ForgeBaseModel):

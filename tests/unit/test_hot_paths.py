@@ -16,12 +16,22 @@ import pytest
 from pydantic import JsonValue, TypeAdapter
 
 from forge.core.audit.store import to_microseconds
+from forge.core.events.codec import encode_event
 from forge.core.events.context import caused_by, current_causation
 from forge.core.events.dispatch import RegisteredHandler
 from forge.core.privacy import PersonalDataProtector
 from forge.exceptions import EventValidationError
+from forge.infrastructure.kafka.common import to_kafka_headers
+from forge.infrastructure.kafka.producer import to_record
 from forge.infrastructure.sqlite.event_log import row_to_record, rows_to_records
-from forge.models.base import MAX_JSON_DEPTH, FrozenDict, deep_freeze, thaw, uuid_text
+from forge.models.base import (
+    MAX_JSON_DEPTH,
+    FrozenDict,
+    deep_freeze,
+    thaw,
+    uuid_ascii,
+    uuid_text,
+)
 from forge.models.events import (
     EVENT_CLASSES,
     CapsuleUpdatedEvent,
@@ -50,6 +60,29 @@ def test_uuid_text_is_str_of_uuid() -> None:
 
 def test_uuid_text_of_subclass_uses_its_str() -> None:
     assert uuid_text(_TaggedUuid(int=5)) == "tagged"
+
+
+def test_uuid_ascii_is_encoded_str() -> None:
+    values = [uuid4() for _ in range(1000)] + [UUID(int=0), UUID(int=2**128 - 1)]
+
+    assert [uuid_ascii(value) for value in values] == [str(value).encode() for value in values]
+    assert uuid_ascii(_TaggedUuid(int=5)) == b"tagged"
+
+
+@pytest.mark.parametrize("event_type", list(EventType), ids=lambda t: t.value)
+@pytest.mark.parametrize("correlated", [False, True], ids=["alone", "correlated"])
+def test_kafka_record_matches_encoded_event(event_type: EventType, correlated: bool) -> None:
+    event = SAMPLE_EVENTS[event_type]()
+    if correlated:
+        event = event.model_copy(update={"correlation_id": uuid4()})
+    encoded = encode_event(event, 1 << 20)
+
+    record = to_record(event, 1 << 20)
+
+    assert record.topic == encoded.topic
+    assert record.key == (encoded.key.encode() if encoded.key is not None else None)
+    assert record.value == encoded.value
+    assert record.headers == to_kafka_headers(encoded.headers)
 
 
 def test_microseconds_match_floor_division() -> None:

@@ -54,8 +54,8 @@ def event_headers(event: Event[Any]) -> dict[str, str]:
     return headers
 
 
-def encode_event(event: Event[Any], max_bytes: int) -> EncodedEvent:
-    """Serialize an event; raise `EventTooLargeError` when it exceeds `max_bytes`."""
+def encode_value(event: Event[Any], max_bytes: int) -> bytes:
+    """Return the event's JSON; raise `EventTooLargeError` when it exceeds `max_bytes`."""
     value = event.to_json()
     if len(value) > max_bytes:
         raise EventTooLargeError(
@@ -64,6 +64,12 @@ def encode_event(event: Event[Any], max_bytes: int) -> EncodedEvent:
             "FORGE_MAX_EVENT_BYTES.",
             [FieldProblem("<event>", len(value), f"over {max_bytes} bytes")],
         )
+    return value
+
+
+def encode_event(event: Event[Any], max_bytes: int) -> EncodedEvent:
+    """Serialize an event; raise `EventTooLargeError` when it exceeds `max_bytes`."""
+    value = encode_value(event, max_bytes)
     return EncodedEvent(event, event.topic, event.key, value, event_headers(event))
 
 

@@ -9,9 +9,18 @@ from typing import Any
 
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
+from forge.core.audit.store import to_microseconds
+from forge.core.events.codec import (
+    HEADER_CORRELATION_ID,
+    HEADER_EVENT_ID,
+    HEADER_EVENT_TIME,
+    HEADER_EVENT_TYPE,
+    HEADER_SCHEMA_VERSION,
+)
 from forge.core.events.ports import LogRecord
 from forge.exceptions import BrokerUnavailableError
-from forge.models.events import TOPIC_PREFIX, EventType, topic_for
+from forge.models.base import uuid_ascii
+from forge.models.events import TOPIC_PREFIX, Event, EventType, topic_for
 
 DEAD_LETTER_TOPIC = f"{TOPIC_PREFIX}.dead-letter"
 """Topic of records a consumer group could not decode or handle, with the reason in headers."""
@@ -36,6 +45,26 @@ def event_topics(event_types: Iterable[EventType] | None = None) -> list[str]:
 def to_kafka_headers(headers: Mapping[str, str]) -> KafkaHeaders:
     """Convert Forge's string headers to Kafka's (name, bytes) pairs."""
     return [(name, value.encode("utf-8")) for name, value in headers.items()]
+
+
+_TYPE_VALUES = {event_type: event_type.value.encode() for event_type in EventType}
+
+
+def event_kafka_headers(event: Event[Any]) -> KafkaHeaders:
+    """Return `to_kafka_headers(event_headers(event))`, built without the dict of strings.
+
+    The producer needs them for every event: 0.83 µs against 1.39 µs through the dict, on
+    benchmarks/run's mix. A unit test compares both for every event type.
+    """
+    headers = [
+        (HEADER_EVENT_ID, uuid_ascii(event.id)),
+        (HEADER_EVENT_TYPE, _TYPE_VALUES[event.type]),
+        (HEADER_SCHEMA_VERSION, b"%d" % event.schema_version),
+        (HEADER_EVENT_TIME, b"%d" % to_microseconds(event.timestamp)),
+    ]
+    if event.correlation_id is not None:
+        headers.append((HEADER_CORRELATION_ID, uuid_ascii(event.correlation_id)))
+    return headers
 
 
 def from_kafka_headers(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
