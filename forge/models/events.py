@@ -302,7 +302,7 @@ class Event(ForgeBaseModel, Generic[DataT]):
     Build one with the typed class's `create` factory (`CapsuleCreatedEvent.create(...)`) and
     rebuild one from JSON with `parse_event`, which returns the typed class. `Event` itself is
     abstract: constructing it directly raises `TypeError`. Creating one with a `schema_version`
-    above the class's `SCHEMA_VERSION` raises `EventSchemaError`, as every consumer would.
+    other than the class's `SCHEMA_VERSION` raises `EventSchemaError`.
     """
 
     # Forge's models store enum values; events keep `type` an `EventType` member instead.
@@ -359,18 +359,16 @@ class Event(ForgeBaseModel, Generic[DataT]):
             raise _translate(error, type(self).model_fields["type"].default.value) from error
         # Checked here rather than in a validator, so that `event_from_object`, which skips
         # `__init__` and upgrades the version in `_upgrade` first, pays nothing for it.
-        if self.schema_version > current:
+        if self.schema_version != current:
+            # The class's fields are those of its current version: consumers would reject a
+            # newer version as unknown, and run upcasters on an older one already upgraded.
             type_value = type(self).model_fields["type"].default.value
             raise EventSchemaError(
                 f"Cannot create a {type_value} event with schema_version "
-                f"{self.schema_version}: this code writes version {current}, and every "
-                "consumer rejects a newer version as unknown. Leave schema_version out, or "
-                f"set it to {current}.",
-                [
-                    FieldProblem(
-                        "schema_version", self.schema_version, f"newer than version {current}"
-                    )
-                ],
+                f"{self.schema_version}: this code writes version {current}, and its fields "
+                f"are those of version {current}. Leave schema_version out, or set it to "
+                f"{current}.",
+                [FieldProblem("schema_version", self.schema_version, f"not version {current}")],
             )
 
     @property

@@ -483,6 +483,8 @@ def test_create_checks_class_version() -> None:
     assert CapsuleCreatedEvent(data={"capsule_type": "note"}).schema_version == 2
     with pytest.raises(EventSchemaError, match="schema_version 3: this code writes version 2"):
         CapsuleCreatedEvent(data={"capsule_type": "note"}, schema_version=3)
+    with pytest.raises(EventSchemaError, match="schema_version 1: this code writes version 2"):
+        CapsuleCreatedEvent(data={"capsule_type": "note"}, schema_version=1)
 
 
 @pytest.mark.usefixtures("capsule_schema_v2")
