@@ -28,6 +28,7 @@ from forge.exceptions import (
     ConfigurationError,
     ForgeError,
     NotStartedError,
+    PublishError,
 )
 from forge.infrastructure.sqlite.audit_store import SqliteAuditStore
 from forge.infrastructure.sqlite.capsule_store import SqliteCapsuleStore
@@ -327,11 +328,13 @@ class BrokerConnection:
         self._publish_wait_seconds = publish_wait_seconds
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._publish_failing = False
         self.last_error: str | None = None
 
     @property
     def connected(self) -> bool:
-        return self._ready.is_set()
+        """Whether the producer is started and its last publish did not fail for the broker."""
+        return self._ready.is_set() and not self._publish_failing
 
     @property
     def producer(self) -> Any:
@@ -393,11 +396,26 @@ class BrokerConnection:
 
     async def publish(self, event: Event[Any]) -> None:
         await self._require()
-        await self._producer.publish(event)
+        await self._tracking(self._producer.publish(event))
 
     async def publish_batch(self, events: Sequence[Event[Any]]) -> None:
         await self._require()
-        await self._producer.publish_batch(events)
+        await self._tracking(self._producer.publish_batch(events))
+
+    async def _tracking(self, publishing: Awaitable[None]) -> None:
+        """Await a publish, and keep `connected` and `last_error` in step with its outcome."""
+        try:
+            await publishing
+        except PublishError as error:
+            if error.retriable:
+                # The broker failed, not the events: the health check reports it.
+                self._publish_failing = True
+                self.last_error = str(error)
+            raise
+        if self._publish_failing:
+            self._publish_failing = False
+            self.last_error = None
+            logger.info("kafka_publishing_again")
 
     async def stop(self) -> None:
         if self._task is not None:

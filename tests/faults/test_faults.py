@@ -284,3 +284,39 @@ def test_sqlite_disk_full(
     assert health.status_code in (200, 503)
     assert set(writer.acknowledged) <= stored_ids, server.output()[-3000:]
     assert result.lost == 0, server.output()[-3000:]
+
+
+def test_publish_while_broker_down_fails_in_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from forge.config import ForgeSettings
+    from forge.exceptions import BatchPublishError
+    from forge.infrastructure.kafka import producer as producer_module
+    from tests.helpers import capsule_created
+
+    monkeypatch.setattr(producer_module, "ACK_GRACE_SECONDS", 0.5)
+    monkeypatch.setattr(producer_module, "STOP_TIMEOUT_SECONDS", 2.0)
+    settings = ForgeSettings(data_dir=tmp_path, kafka_bootstrap_servers=KAFKA_SERVERS)
+
+    async def publish_with_broker_down() -> tuple[BatchPublishError, float, float]:
+        producer = producer_module.KafkaEventProducer(settings=settings, request_timeout_ms=3000)
+        await producer.start()
+        _script("kafka-broker", "kill")
+        began = time.monotonic()
+        with pytest.raises(BatchPublishError) as caught:
+            await producer.publish_batch([capsule_created() for _ in range(20)])
+        failed_after = time.monotonic() - began
+        began = time.monotonic()
+        await producer.stop()
+        return caught.value, failed_after, time.monotonic() - began
+
+    try:
+        error, failed_after, stopped_after = asyncio.run(publish_with_broker_down())
+    finally:
+        _script("kafka-broker", "start")
+
+    assert len(error.failed) == 20
+    assert error.retriable is True
+    assert "may be down" in str(error)
+    assert failed_after < 15
+    assert stopped_after < 6

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, KafkaTimeoutError
 from aiokafka.partitioner import DefaultPartitioner
 
 from forge.config import ForgeSettings
@@ -72,6 +72,13 @@ CHUNK_EVENTS = 5_000
 in chunks, each acknowledged before the next is sent. In one run on benchmarks/run's mix, a
 chunk of 5,000 took 10.8 µs per event. 100,000 events sent at once took 28.6 µs each, because
 the garbage collector walked their encoded records again and again, and 10.3 µs in chunks."""
+
+STOP_TIMEOUT_SECONDS = 10.0
+"""Seconds that `stop()` gives aiokafka to send what is queued, before dropping it."""
+
+ACK_GRACE_SECONDS = 5.0
+"""Seconds added to `request_timeout_ms` when waiting for acknowledgements, so that aiokafka's
+own timeout error comes first when it applies."""
 
 _RECORD_OVERHEAD_BYTES = 64 * 1024
 """Room for key, headers and batch framing above `max_event_bytes` in one request."""
@@ -200,8 +207,22 @@ class KafkaEventProducer:
             producer, self._producer = self._producer, None
             if producer is None:
                 return
+            stopping = asyncio.ensure_future(producer.stop())
+            done, _ = await asyncio.wait({stopping}, timeout=STOP_TIMEOUT_SECONDS)
+            if not done:
+                # aiokafka's stop() waits until every queued batch is sent, forever while the
+                # broker is down. Ending its sender task lets it close. The publish calls of
+                # those batches fail, or have failed, when their acknowledgement times out.
+                logger.warning(
+                    "kafka_producer_stop_timed_out",
+                    bootstrap_servers=self._bootstrap_servers,
+                    timeout_seconds=STOP_TIMEOUT_SECONDS,
+                    next_step="unsent batches are dropped; their publish calls raise",
+                )
+                producer._sender.sender_task.cancel()
+                await asyncio.wait({stopping})
             try:
-                await producer.stop()
+                stopping.result()
             except KafkaError as error:
                 logger.warning("kafka_producer_stop_failed", error=describe(error))
             logger.info("kafka_producer_stopped", bootstrap_servers=self._bootstrap_servers)
@@ -382,7 +403,7 @@ class KafkaEventProducer:
             if members:
                 pending.append((members, await self._send_batch(producer, batch, topic, partition)))
 
-        results = await asyncio.gather(*(future for _, future in pending), return_exceptions=True)
+        results = await self._acknowledgements([future for _, future in pending])
         for (members, _), result in zip(pending, results, strict=True):
             for item in members:
                 if isinstance(result, BaseException):
@@ -396,6 +417,37 @@ class KafkaEventProducer:
                         error=describe(result),
                     )
         return failed
+
+    async def _acknowledgements(
+        self, futures: list[asyncio.Future[Any]]
+    ) -> list[Any | BaseException]:
+        """Wait for every future; return each result or exception, in order.
+
+        aiokafka expires a queued batch only when its partition has no known leader, so while
+        the broker is down with its leader still known, the futures never complete. After
+        `request_timeout_ms` and `ACK_GRACE_SECONDS`, those still waiting get a retriable
+        `KafkaTimeoutError`. Their batches stay queued and may still be written later.
+        """
+        if not futures:
+            return []
+        timeout = self._request_timeout_ms / 1000 + ACK_GRACE_SECONDS
+        _, waiting = await asyncio.wait(futures, timeout=timeout)
+        results: list[Any | BaseException] = []
+        for future in futures:
+            if future in waiting:
+                results.append(
+                    KafkaTimeoutError(
+                        f"no acknowledgement within {timeout:g} s; the broker at "
+                        f"{self._bootstrap_servers} may be down, and the event may still be "
+                        "written once it is back"
+                    )
+                )
+            elif future.cancelled():
+                results.append(asyncio.CancelledError())
+            else:
+                error = future.exception()
+                results.append(error if error is not None else future.result())
+        return results
 
     @staticmethod
     async def _send_batch(
