@@ -216,3 +216,26 @@ async def test_chunk_not_acknowledged_stops_the_rest(
     assert "earlier part of its batch failed" in str(caught.value.failed[events[4].id])
     assert caught.value.acknowledged == 1
     assert caught.value.retriable is True
+
+
+async def test_partition_usable_after_broker_rejection(tmp_path: Path) -> None:
+    # As in the test above, the broker rejects the large event. aiokafka counted its sequence
+    # numbers anyway, so without a new producer id every later batch of that partition fails.
+    settings = kafka_settings(tmp_path, max_event_bytes=4 * 1024 * 1024)
+    before = await end_offsets(settings, [CAPSULE_TOPIC])
+    capsule_id = uuid4()
+    first = capsule_created(capsule_id, title="First")
+    rejected = capsule_created(capsule_id, metadata={"blob": "x" * (1536 * 1024)})
+    later = [capsule_created(capsule_id, title=f"Later {number}") for number in range(3)]
+
+    async with KafkaEventProducer(settings=settings) as producer:
+        await producer.publish(first)
+        with pytest.raises(BatchPublishError) as caught:
+            await producer.publish_batch([rejected])
+        await producer.publish_batch(later)
+
+    assert set(caught.value.failed) == {rejected.id}
+    published = [parse_event(value) for value in await _read_new(settings, before)]
+    assert [event.id for event in published if event.resource_id == capsule_id] == [
+        event.id for event in [first, *later]
+    ]

@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError, KafkaTimeoutError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+)
 from aiokafka.partitioner import DefaultPartitioner
 
 from forge.config import ForgeSettings
@@ -79,6 +86,14 @@ STOP_TIMEOUT_SECONDS = 10.0
 ACK_GRACE_SECONDS = 5.0
 """Seconds added to `request_timeout_ms` when waiting for acknowledgements, so that aiokafka's
 own timeout error comes first when it applies."""
+
+_SEQUENCE_BREAKERS = (
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+    InvalidProducerEpoch,
+)
+"""Broker errors after which the producer's sequence numbers no longer match the broker's."""
 
 _RECORD_OVERHEAD_BYTES = 64 * 1024
 """Room for key, headers and batch framing above `max_event_bytes` in one request."""
@@ -171,19 +186,7 @@ class KafkaEventProducer:
         async with self._start_lock:
             if self._producer is not None:
                 return
-            producer = AIOKafkaProducer(
-                bootstrap_servers=self._bootstrap_servers,
-                client_id=self._settings.kafka_client_id,
-                # Idempotence makes the producer's own retries safe: without it, acks="all"
-                # can still duplicate or reorder a batch that is retried after a timeout.
-                enable_idempotence=True,
-                acks="all",
-                linger_ms=LINGER_MS,
-                max_batch_size=MAX_BATCH_BYTES,
-                max_request_size=self._max_event_bytes + _RECORD_OVERHEAD_BYTES,
-                compression_type=self._compression_type,
-                request_timeout_ms=self._request_timeout_ms,
-            )
+            producer = self._new_client()
             try:
                 await start_client(
                     producer.start(),
@@ -207,24 +210,7 @@ class KafkaEventProducer:
             producer, self._producer = self._producer, None
             if producer is None:
                 return
-            stopping = asyncio.ensure_future(producer.stop())
-            done, _ = await asyncio.wait({stopping}, timeout=STOP_TIMEOUT_SECONDS)
-            if not done:
-                # aiokafka's stop() waits until every queued batch is sent, forever while the
-                # broker is down. Ending its sender task lets it close. The publish calls of
-                # those batches fail, or have failed, when their acknowledgement times out.
-                logger.warning(
-                    "kafka_producer_stop_timed_out",
-                    bootstrap_servers=self._bootstrap_servers,
-                    timeout_seconds=STOP_TIMEOUT_SECONDS,
-                    next_step="unsent batches are dropped; their publish calls raise",
-                )
-                producer._sender.sender_task.cancel()
-                await asyncio.wait({stopping})
-            try:
-                stopping.result()
-            except KafkaError as error:
-                logger.warning("kafka_producer_stop_failed", error=describe(error))
+            await _stop_client(producer, self._bootstrap_servers)
             logger.info("kafka_producer_stopped", bootstrap_servers=self._bootstrap_servers)
 
     async def publish(self, event: Event[Any]) -> None:
@@ -275,6 +261,9 @@ class KafkaEventProducer:
                     failed[event.id] = error
             not_sent = await self._send_all(producer, outgoing)
             failed.update(not_sent)
+            producer = await self._renew_after(
+                producer, [error.__cause__ for error in not_sent.values()]
+            )
             cause = next((error for error in not_sent.values() if error.retriable), None)
             if cause is not None:
                 # The broker is down or timed out, so each further chunk would wait out the
@@ -332,11 +321,60 @@ class KafkaEventProducer:
                 )
             except KafkaError as error:
                 errors[position] = error
-        results = await asyncio.gather(*(future for _, future in futures), return_exceptions=True)
+        results = await self._acknowledgements([future for _, future in futures])
         for (position, _), result in zip(futures, results, strict=True):
             if isinstance(result, BaseException):
                 errors[position] = result
+        await self._renew_after(producer, errors.values())
         return errors
+
+    def _new_client(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
+            bootstrap_servers=self._bootstrap_servers,
+            client_id=self._settings.kafka_client_id,
+            # Idempotence makes the producer's own retries safe: without it, acks="all" can
+            # still duplicate or reorder a batch that is retried after a timeout.
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=LINGER_MS,
+            max_batch_size=MAX_BATCH_BYTES,
+            max_request_size=self._max_event_bytes + _RECORD_OVERHEAD_BYTES,
+            compression_type=self._compression_type,
+            request_timeout_ms=self._request_timeout_ms,
+        )
+
+    async def _renew_after(
+        self, producer: AIOKafkaProducer, errors: Iterable[BaseException | None]
+    ) -> AIOKafkaProducer:
+        """Replace `producer` with a new client if one of the Kafka `errors` broke its sequence
+        numbers.
+
+        After the broker rejects a batch, for example as too large, aiokafka keeps counting
+        the batch's sequence numbers, and the broker then rejects every later batch of that
+        partition as out of order, until the producer id changes. A new client gets a new id.
+        Returns the client to use from now on.
+        """
+        causes = [error for error in errors if isinstance(error, _SEQUENCE_BREAKERS)]
+        if not causes:
+            return producer
+        cause = causes[0]
+        async with self._start_lock:
+            if self._producer is not producer:
+                # Stopped, or already renewed by a concurrent call.
+                return self._require_started()
+            renewed = self._new_client()
+            await start_client(
+                renewed.start(), self._bootstrap_servers, "Kafka producer", CONNECT_TIMEOUT_SECONDS
+            )
+            self._producer = renewed
+        logger.warning(
+            "kafka_producer_renewed",
+            bootstrap_servers=self._bootstrap_servers,
+            reason=describe(cause),
+            next_step="later batches are sent with a new producer id",
+        )
+        await _stop_client(producer, self._bootstrap_servers)
+        return renewed
 
     def _require_started(self) -> AIOKafkaProducer:
         if self._producer is None:
@@ -466,9 +504,33 @@ class KafkaEventProducer:
 
 def _publish_error(context: str, error: BaseException) -> PublishError:
     translated = PublishError(f"{context}: {describe(error)}.")
-    translated.retriable = is_retriable(error)
+    # A batch rejected as out of order followed a failed batch of its partition. The producer
+    # then gets a new id, so sending it again succeeds.
+    translated.retriable = is_retriable(error) or isinstance(error, OutOfOrderSequenceNumber)
     translated.__cause__ = error
     return translated
+
+
+async def _stop_client(producer: AIOKafkaProducer, bootstrap_servers: str) -> None:
+    """Stop an aiokafka producer, dropping what it cannot send within `STOP_TIMEOUT_SECONDS`."""
+    stopping = asyncio.ensure_future(producer.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=STOP_TIMEOUT_SECONDS)
+    if not done:
+        # aiokafka's stop() waits until every queued batch is sent, forever while the broker
+        # is down. Ending its sender task lets it close. The publish calls of those batches
+        # fail, or have failed, when their acknowledgement times out.
+        logger.warning(
+            "kafka_producer_stop_timed_out",
+            bootstrap_servers=bootstrap_servers,
+            timeout_seconds=STOP_TIMEOUT_SECONDS,
+            next_step="unsent batches are dropped; their publish calls raise",
+        )
+        producer._sender.sender_task.cancel()
+        await asyncio.wait({stopping})
+    try:
+        stopping.result()
+    except KafkaError as error:
+        logger.warning("kafka_producer_stop_failed", error=describe(error))
 
 
 def _not_sent(event: Event[Any], cause: BaseException) -> PublishError:
