@@ -61,7 +61,7 @@ def encode_value(event: Event[Any], max_bytes: int) -> bytes:
         raise EventTooLargeError(
             f"Event {event.id} ({event.type.value}) is {len(value)} bytes, over the limit of "
             f"{max_bytes} bytes. Store large content elsewhere and reference it, or raise "
-            "FORGE_MAX_EVENT_BYTES.",
+            "FORGE_MAX_EVENT_BYTES (on Kafka, with the broker's message.max.bytes).",
             [FieldProblem("<event>", len(value), f"over {max_bytes} bytes")],
         )
     return value
