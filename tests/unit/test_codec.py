@@ -7,9 +7,9 @@ import pytest
 
 from forge.core.audit.store import to_microseconds
 from forge.core.events.codec import decode_event, encode_event, event_headers
-from forge.exceptions import EventTooLargeError, EventValidationError
+from forge.exceptions import EventSchemaError, EventTooLargeError, EventValidationError
 from forge.models.events import VoteCastEvent
-from tests.helpers import capsule_created, vote_cast
+from tests.helpers import MAX_EVENT_BYTES, capsule_created, vote_cast
 
 LIMIT = 2048
 
@@ -172,3 +172,14 @@ def test_key_of_other_resource_rejected() -> None:
         decode_event(event.to_json(), LIMIT, key=other)
     with pytest.raises(EventValidationError, match="does not match the event's resource_id"):
         decode_event(event.to_json(), LIMIT, key=other.upper())
+
+
+def test_copied_schema_version_rejected_on_encode() -> None:
+    # model_copy does not validate, so creation's check cannot catch this.
+    event = capsule_created().model_copy(update={"schema_version": 2})
+
+    with pytest.raises(EventSchemaError) as caught:
+        encode_event(event, MAX_EVENT_BYTES)
+
+    assert "has schema_version 2, but this code writes version 1" in str(caught.value)
+    assert [(p.location, p.value) for p in caught.value.problems] == [("schema_version", 2)]

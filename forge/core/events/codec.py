@@ -10,7 +10,12 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from forge.core.audit.store import to_microseconds
-from forge.exceptions import EventTooLargeError, EventValidationError, FieldProblem
+from forge.exceptions import (
+    EventSchemaError,
+    EventTooLargeError,
+    EventValidationError,
+    FieldProblem,
+)
 from forge.models.base import uuid_text
 from forge.models.events import Event, EventType, event_from_object, load_object, topic_for
 
@@ -55,7 +60,21 @@ def event_headers(event: Event[Any]) -> dict[str, str]:
 
 
 def encode_value(event: Event[Any], max_bytes: int) -> bytes:
-    """Return the event's JSON; raise `EventTooLargeError` when it exceeds `max_bytes`."""
+    """Return the event's JSON.
+
+    Raises:
+        EventTooLargeError: the JSON exceeds `max_bytes`.
+        EventSchemaError: the event's `schema_version` is not its class's. Creation rejects
+            that, but `model_copy(update=...)` does not validate.
+    """
+    current = type(event).SCHEMA_VERSION
+    if event.schema_version != current:
+        raise EventSchemaError(
+            f"Event {event.id} ({event.type.value}) has schema_version {event.schema_version}, "
+            f"but this code writes version {current}; consumers would reject or upgrade it "
+            f"again. Publish it with schema_version {current}.",
+            [FieldProblem("schema_version", event.schema_version, f"not version {current}")],
+        )
     value = event.to_json()
     if len(value) > max_bytes:
         raise EventTooLargeError(
