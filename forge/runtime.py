@@ -154,6 +154,7 @@ class Runtime:
             producer,
             lambda: _start_producer(producer, settings, check_topics),
             settings.kafka_startup_timeout_seconds,
+            probe=producer.probe,
         )
         await connection.start()
         outbox = PostgresOutbox(database)
@@ -309,6 +310,10 @@ async def _retry_while_unavailable(
             delay = min(delay * 2, 10.0)
 
 
+PROBE_INTERVAL_SECONDS = 10.0
+"""Seconds between the metadata requests a broker connection sends for the health check."""
+
+
 class BrokerConnection:
     """An `EventPublisher` whose Kafka producer connects in the background until it succeeds.
 
@@ -322,19 +327,25 @@ class BrokerConnection:
         producer: Any,
         connect: Callable[[], Awaitable[None]],
         publish_wait_seconds: float = 10.0,
+        probe: Callable[[], Awaitable[None]] | None = None,
+        probe_interval_seconds: float = PROBE_INTERVAL_SECONDS,
     ) -> None:
         self._producer = producer
         self._connect = connect
         self._publish_wait_seconds = publish_wait_seconds
+        self._probe = probe
+        self._probe_interval_seconds = probe_interval_seconds
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._publish_failing = False
+        self._probe_task: asyncio.Task[None] | None = None
+        self._broker_failing = False
         self.last_error: str | None = None
 
     @property
     def connected(self) -> bool:
-        """Whether the producer is started and its last publish did not fail for the broker."""
-        return self._ready.is_set() and not self._publish_failing
+        """Whether the producer is started, and neither its last publish nor the last probe
+        failed for the broker."""
+        return self._ready.is_set() and not self._broker_failing
 
     @property
     def producer(self) -> Any:
@@ -352,6 +363,7 @@ class BrokerConnection:
             self._task = asyncio.create_task(self._reconnect(), name="forge-kafka-connect")
             return
         self._ready.set()
+        self._start_probing()
 
     async def _reconnect(self) -> None:
         delay = 0.5
@@ -366,8 +378,32 @@ class BrokerConnection:
                 continue
             self.last_error = None
             self._ready.set()
+            self._start_probing()
             logger.info("kafka_connected")
             return
+
+    def _start_probing(self) -> None:
+        if self._probe is not None and self._probe_task is None:
+            self._probe_task = asyncio.create_task(self._probing(), name="forge-kafka-probe")
+
+    async def _probing(self) -> None:
+        """Request the broker's metadata now and then, so that the health check notices an
+        outage while nothing is published."""
+        assert self._probe is not None
+        while True:
+            await asyncio.sleep(self._probe_interval_seconds)
+            try:
+                await self._probe()
+            except ForgeError as error:
+                if not self._broker_failing:
+                    logger.warning("kafka_unreachable", error=str(error))
+                self._broker_failing = True
+                self.last_error = str(error)
+                continue
+            if self._broker_failing:
+                self._broker_failing = False
+                self.last_error = None
+                logger.info("kafka_reachable_again")
 
     async def wait_connected(self, stopping: asyncio.Event | None = None) -> bool:
         """Wait until connected, or until `stopping` is set; return whether connected."""
@@ -409,20 +445,21 @@ class BrokerConnection:
         except PublishError as error:
             if error.retriable:
                 # The broker failed, not the events: the health check reports it.
-                self._publish_failing = True
+                self._broker_failing = True
                 self.last_error = str(error)
             raise
-        if self._publish_failing:
-            self._publish_failing = False
+        if self._broker_failing:
+            self._broker_failing = False
             self.last_error = None
             logger.info("kafka_publishing_again")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._probe_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._probe_task = None
         await self._producer.stop()
 
 

@@ -290,7 +290,7 @@ def test_publish_while_broker_down_fails_in_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from forge.config import ForgeSettings
-    from forge.exceptions import BatchPublishError
+    from forge.exceptions import BatchPublishError, BrokerUnavailableError
     from forge.infrastructure.kafka import producer as producer_module
     from tests.helpers import capsule_created
 
@@ -308,6 +308,8 @@ def test_publish_while_broker_down_fails_in_time(
         with pytest.raises(BatchPublishError) as caught:
             await producer.publish_batch([capsule_created() for _ in range(20)])
         failed_after = time.monotonic() - began
+        with pytest.raises(BrokerUnavailableError):
+            await producer.probe()
         began = time.monotonic()
         await producer.stop()
         return caught.value, failed_after, time.monotonic() - began

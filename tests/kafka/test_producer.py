@@ -239,3 +239,11 @@ async def test_partition_usable_after_broker_rejection(tmp_path: Path) -> None:
     assert [event.id for event in published if event.resource_id == capsule_id] == [
         event.id for event in [first, *later]
     ]
+
+
+async def test_probe_answered_by_running_broker(tmp_path: Path) -> None:
+    async with KafkaEventProducer(settings=kafka_settings(tmp_path)) as producer:
+        await producer.probe()
+
+    with pytest.raises(NotStartedError):
+        await producer.probe()

@@ -1,13 +1,14 @@
-"""BrokerConnection's health follows the outcome of its publishes."""
+"""BrokerConnection's health follows the outcome of its publishes and of its probes."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from forge.exceptions import EventValidationError, PublishError
+from forge.exceptions import BrokerUnavailableError, EventValidationError, PublishError
 from forge.runtime import BrokerConnection
 from tests.helpers import capsule_created
 
@@ -17,6 +18,18 @@ class _Producer:
 
     def __init__(self) -> None:
         self.error: Exception | None = None
+        self.probe_error: Exception | None = None
+        self.probes = 0
+        self.probed = asyncio.Event()
+
+    async def probe(self) -> None:
+        self.probes += 1
+        self.probed.set()
+        if self.probe_error is not None:
+            raise self.probe_error
+
+    async def stop(self) -> None:
+        return None
 
     async def publish(self, event: Any) -> None:
         await self.publish_batch([event])
@@ -66,3 +79,34 @@ async def test_invalid_event_keeps_broker_healthy() -> None:
 
     assert connection.connected is True
     assert connection.last_error is None
+
+
+async def _wait_for_probes(producer: _Producer, count: int) -> None:
+    async with asyncio.timeout(5):
+        while producer.probes < count:
+            producer.probed.clear()
+            await producer.probed.wait()
+
+
+async def test_unanswered_probe_reported_until_answered() -> None:
+    producer = _Producer()
+
+    async def connect() -> None:
+        return None
+
+    connection = BrokerConnection(
+        producer, connect, probe=producer.probe, probe_interval_seconds=0.01
+    )
+    await connection.start()
+    producer.probe_error = BrokerUnavailableError("The Kafka broker did not answer")
+    await _wait_for_probes(producer, 2)
+
+    assert connection.connected is False
+    assert connection.last_error == "The Kafka broker did not answer"
+
+    producer.probe_error = None
+    await _wait_for_probes(producer, producer.probes + 2)
+
+    assert connection.connected is True
+    assert connection.last_error is None
+    await connection.stop()

@@ -35,6 +35,7 @@ from forge.config import ForgeSettings
 from forge.core.events.codec import encode_value
 from forge.exceptions import (
     BatchPublishError,
+    BrokerUnavailableError,
     EventValidationError,
     NotStartedError,
     PublishError,
@@ -43,6 +44,7 @@ from forge.infrastructure.kafka.admin import check_topics
 from forge.infrastructure.kafka.common import (
     CONNECT_TIMEOUT_SECONDS,
     DEAD_LETTER_TOPIC,
+    START_BROKER_FIX,
     KafkaHeaders,
     describe,
     event_kafka_headers,
@@ -79,6 +81,9 @@ CHUNK_EVENTS = 5_000
 in chunks, each acknowledged before the next is sent. In one run on benchmarks/run's mix, a
 chunk of 5,000 took 10.8 µs per event. 100,000 events sent at once took 28.6 µs each, because
 the garbage collector walked their encoded records again and again, and 10.3 µs in chunks."""
+
+PROBE_TIMEOUT_SECONDS = 5.0
+"""Maximum wait of `probe()` for the broker's metadata."""
 
 STOP_TIMEOUT_SECONDS = 10.0
 """Seconds that `stop()` gives aiokafka to send what is queued, before dropping it."""
@@ -273,6 +278,23 @@ class KafkaEventProducer:
                 break
         if failed:
             raise _batch_error(len(events), failed)
+
+    async def probe(self) -> None:
+        """Ask the broker for its metadata, to learn whether it answers.
+
+        Raises:
+            BrokerUnavailableError: no broker answered within `PROBE_TIMEOUT_SECONDS`.
+            NotStartedError: `start()` was not called, or `stop()` was.
+        """
+        producer = self._require_started()
+        try:
+            await asyncio.wait_for(producer.client.fetch_all_metadata(), PROBE_TIMEOUT_SECONDS)
+        except (KafkaError, TimeoutError) as error:
+            reason = describe(error) if isinstance(error, KafkaError) else "timed out"
+            raise BrokerUnavailableError(
+                f"The Kafka broker at {self._bootstrap_servers} did not answer a metadata "
+                f"request ({reason}). {START_BROKER_FIX}"
+            ) from error
 
     async def append_raw(
         self,
