@@ -8,7 +8,8 @@ park records in PostgreSQL's dead-letter store. Anchors, in the same run on the 
   the same records, flushed once at the end. The naive anchor awaits aiokafka's
   `send_and_wait` for each event.
 - consume: aiokafka's `getmany` with one commit per fetched batch, and with one commit per
-  message. Neither decodes the values.
+  message. Neither decodes the values. A third reads like the first and validates each value
+  with its pydantic event class, for context.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from benchmarks.harness import Row, Summary, at_most, freeze_fixtures, ratio_at_least
 from benchmarks.scale import Scale
 from benchmarks.services import Server, kafka_server, postgres_server, provisioned
 from forge.config import ForgeSettings
 from forge.infrastructure.kafka.common import event_topics
 from forge.infrastructure.kafka.producer import to_record
-from forge.models.events import Event, EventType
+from forge.models.events import EVENT_CLASSES, Event, EventType
 
 GROUP = "kafka"
 LATENCY_P50_MS = 5.0
@@ -176,12 +179,14 @@ async def forge_publish(settings: ForgeSettings, events: Sequence[Event[Any]], b
 
 
 async def raw_consume(
-    bootstrap: str, group_id: str, limit: int, *, commit_each: bool
+    bootstrap: str, group_id: str, limit: int, *, commit_each: bool, validate: bool = False
 ) -> tuple[float, int]:
     """Read up to `limit` records of all event topics with aiokafka in `group_id`.
 
-    Commits once per fetched batch, or after every message with `commit_each`. Returns
-    (seconds, records read).
+    Commits once per fetched batch, or after every message with `commit_each`. With
+    `validate`, each value is parsed with orjson and validated by its pydantic event class
+    (`model_validate`), as a hand-written consumer of these models would. Returns (seconds,
+    records read).
     """
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -205,6 +210,9 @@ async def raw_consume(
             for tp, messages in batches.items():
                 for message in messages:
                     count += 1
+                    if validate:
+                        values = orjson.loads(message.value)
+                        EVENT_CLASSES[EventType(values["type"])].model_validate(values)
                     if commit_each:
                         await consumer.commit(
                             {TopicPartition(tp.topic, tp.partition): message.offset + 1}
@@ -383,6 +391,7 @@ def _measure(
             "consume",
             "consume_batch",
             "consume_each",
+            "consume_validated",
             "p50",
             "p99",
         )
@@ -394,7 +403,8 @@ def _measure(
     each_count = min(published, scale.commit_each_events)
     for _ in range(scale.runs):
         groups = {
-            name: f"bench-{name}-{uuid.uuid4().hex[:8]}" for name in ("batch", "forge", "each")
+            name: f"bench-{name}-{uuid.uuid4().hex[:8]}"
+            for name in ("batch", "forge", "each", "validated")
         }
         for group_id in groups.values():
             asyncio.run(start_group_at_end(settings, group_id))
@@ -421,6 +431,12 @@ def _measure(
             raw_consume(kafka.endpoint, groups["each"], each_count, commit_each=True)
         )
         figures["consume_each"].append(read / seconds)
+        seconds, read = asyncio.run(
+            raw_consume(
+                kafka.endpoint, groups["validated"], published, commit_each=False, validate=True
+            )
+        )
+        figures["consume_validated"].append(read / seconds)
 
         report = asyncio.run(
             measure_latency(settings, kafka, postgres, scale.latency_rate, scale.latency_seconds)
@@ -496,6 +512,19 @@ def _measure(
             "aiokafka commit per message",
             ROWS[3][2],
             note=f"anchor: aiokafka committing after each message, first {each_count:,} records",
+        ),
+        Row(
+            "Kafka consume vs getmany + pydantic",
+            GROUP,
+            "events/s",
+            consume,
+            Summary.of(figures["consume_validated"]),
+            "getmany, model_validate",
+            [],
+            note=(
+                "anchor: aiokafka getmany, commit per batch, each value parsed with orjson and "
+                "validated by its event class"
+            ),
         ),
         Row(
             "Kafka latency p50",
