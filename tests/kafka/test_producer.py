@@ -11,6 +11,7 @@ from uuid import UUID, uuid4
 
 import pytest
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import UnknownTopicOrPartitionError
 from structlog.testing import capture_logs
 
 from forge.exceptions import (
@@ -247,3 +248,22 @@ async def test_probe_answered_by_running_broker(tmp_path: Path) -> None:
 
     with pytest.raises(NotStartedError):
         await producer.probe()
+
+
+async def test_unknown_partitions_name_both_causes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    event = capsule_created()
+
+    async def no_metadata(topic: str) -> set[int]:
+        raise UnknownTopicOrPartitionError()
+
+    async with KafkaEventProducer(settings=kafka_settings(tmp_path)) as producer:
+        assert producer._producer is not None
+        monkeypatch.setattr(producer._producer, "partitions_for", no_metadata)
+        with pytest.raises(PublishError) as caught:
+            await producer.publish(event)
+
+    assert "forge kafka topics ensure" in str(caught.value)
+    assert "broker is down" in str(caught.value)
+    assert caught.value.retriable is True

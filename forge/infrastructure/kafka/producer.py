@@ -439,8 +439,13 @@ class KafkaEventProducer:
                 else:
                     partition = partition_of_hash(hashed, partitions)
             except KafkaError as error:
+                # aiokafka's wait for the topic's partitions ends the same way whether the
+                # topic is missing or no broker answered.
                 failed[item.event.id] = _publish_error(
-                    f"Event {item.event.id} was not sent to {item.topic}", error
+                    f"Event {item.event.id} was not sent to {item.topic}, because its "
+                    "partitions are unknown: the topic is missing (create it with `forge kafka "
+                    "topics ensure`) or the broker is down",
+                    error,
                 )
                 continue
             by_partition.setdefault((item.topic, partition), []).append(item)
