@@ -267,3 +267,16 @@ async def test_unknown_partitions_name_both_causes(
     assert "forge kafka topics ensure" in str(caught.value)
     assert "broker is down" in str(caught.value)
     assert caught.value.retriable is True
+
+
+async def test_repeated_invalid_event_counted_each_time(tmp_path: Path) -> None:
+    valid = capsule_created()
+    oversized = capsule_created(content="x" * (MAX_EVENT_BYTES + 1))
+
+    async with KafkaEventProducer(settings=kafka_settings(tmp_path)) as producer:
+        with pytest.raises(BatchPublishError) as caught:
+            await producer.publish_batch([valid, oversized, oversized, oversized])
+
+    assert set(caught.value.failed) == {oversized.id}
+    assert caught.value.acknowledged == 1
+    assert "3 of 4 events were not published" in str(caught.value)

@@ -277,7 +277,7 @@ class KafkaEventProducer:
                     failed[event.id] = _not_sent(event, cause)
                 break
         if failed:
-            raise _batch_error(len(events), failed)
+            raise _batch_error(events, failed)
 
     async def probe(self) -> None:
         """Ask the broker for its metadata, to learn whether it answers.
@@ -569,17 +569,22 @@ def _not_sent(event: Event[Any], cause: BaseException) -> PublishError:
     return error
 
 
-def _batch_error(total: int, failed: dict[Any, BaseException]) -> BatchPublishError:
+def _batch_error(
+    events: Sequence[Event[Any]], failed: dict[Any, BaseException]
+) -> BatchPublishError:
     first_id, first_error = next(iter(failed.items()))
+    total = len(events)
+    # Counted by position: a batch may hold one event id several times.
+    not_published = sum(1 for event in events if event.id in failed)
     if total == 1:
         message = f"Event {first_id} was not published: {first_error}"
     else:
         message = (
-            f"{len(failed)} of {total} events were not published; the other "
-            f"{total - len(failed)} were acknowledged. First failure, event {first_id}: "
+            f"{not_published} of {total} events were not published; the other "
+            f"{total - not_published} were acknowledged. First failure, event {first_id}: "
             f"{first_error}"
         )
-    error = BatchPublishError(message, failed, acknowledged=total - len(failed))
+    error = BatchPublishError(message, failed, acknowledged=total - not_published)
     # Retrying helps only when every failure was the broker's, not an invalid event.
     error.retriable = all(getattr(cause, "retriable", False) for cause in failed.values())
     return error
