@@ -395,15 +395,9 @@ class BrokerConnection:
             try:
                 await self._probe()
             except ForgeError as error:
-                if not self._broker_failing:
-                    logger.warning("kafka_unreachable", error=str(error))
-                self._broker_failing = True
-                self.last_error = str(error)
+                self._broker_failed(error)
                 continue
-            if self._broker_failing:
-                self._broker_failing = False
-                self.last_error = None
-                logger.info("kafka_reachable_again")
+            self._broker_responded()
 
     async def wait_connected(self, stopping: asyncio.Event | None = None) -> bool:
         """Wait until connected, or until `stopping` is set; return whether connected."""
@@ -445,13 +439,21 @@ class BrokerConnection:
         except PublishError as error:
             if error.retriable:
                 # The broker failed, not the events: the health check reports it.
-                self._broker_failing = True
-                self.last_error = str(error)
+                self._broker_failed(error)
             raise
+        self._broker_responded()
+
+    def _broker_failed(self, error: ForgeError) -> None:
+        if not self._broker_failing:
+            logger.warning("kafka_broker_failing", error=str(error))
+        self._broker_failing = True
+        self.last_error = str(error)
+
+    def _broker_responded(self) -> None:
         if self._broker_failing:
             self._broker_failing = False
             self.last_error = None
-            logger.info("kafka_publishing_again")
+            logger.info("kafka_broker_responding_again")
 
     async def stop(self) -> None:
         for task in (self._task, self._probe_task):

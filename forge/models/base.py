@@ -138,7 +138,7 @@ def deep_freeze(value: Any, path: str = "", depth: int = 0) -> Any:
             _reject_repeated_keys(value, path)
         return FrozenDict(frozen)
     if type(value) is tuple:
-        # An array of a frozen value. A named tuple is not taken: its field names would be lost.
+        # An array of a frozen value. A named tuple is rejected: its field names would be lost.
         if _EXACT_SCALARS.issuperset(map(type, value)):
             # Nothing in it to check or to freeze: keep it, as a copy would be equal.
             return value

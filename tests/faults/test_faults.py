@@ -301,7 +301,7 @@ def test_publish_while_broker_down_fails_in_time(
     async def publish_with_broker_down() -> tuple[BatchPublishError, float, float]:
         producer = producer_module.KafkaEventProducer(settings=settings, request_timeout_ms=3000)
         await producer.start()
-        # The producer then knows the partition's leader, as one that ran for a while does.
+        # A producer that ran for a while has the partition's leader in its metadata.
         await producer.publish(capsule_created())
         _script("kafka-broker", "kill")
         began = time.monotonic()

@@ -242,7 +242,7 @@ async def test_partition_usable_after_broker_rejection(tmp_path: Path) -> None:
     ]
 
 
-async def test_probe_answered_by_running_broker(tmp_path: Path) -> None:
+async def test_probe_succeeds_with_running_broker(tmp_path: Path) -> None:
     async with KafkaEventProducer(settings=kafka_settings(tmp_path)) as producer:
         await producer.probe()
 

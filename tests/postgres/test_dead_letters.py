@@ -46,6 +46,17 @@ def letter(offset: int, *, group_id: str = "group-a", handler: str = "mod.handle
     )
 
 
+async def test_extra_kept_then_replaced(store: PostgresDeadLetterStore) -> None:
+    await store.park([replace(letter(0), extra={"shard": "3", "host": "worker-b"})])
+    [first] = await store.list()
+    # Like the reason, `extra` describes the latest failure of the record.
+    await store.park([replace(letter(0), reason="again", extra={"shard": "4"})])
+    [second] = await store.list()
+
+    assert dict(first.extra) == {"shard": "3", "host": "worker-b"}
+    assert (second.reason, dict(second.extra)) == ("again", {"shard": "4"})
+
+
 async def test_park_and_list_round_trip(store: PostgresDeadLetterStore) -> None:
     parked = [letter(0), letter(1, group_id="group-b")]
 

@@ -88,7 +88,7 @@ async def _wait_for_probes(producer: _Producer, count: int) -> None:
             await producer.probed.wait()
 
 
-async def test_unanswered_probe_reported_until_answered() -> None:
+async def test_failed_probe_reported_until_recovered() -> None:
     producer = _Producer()
 
     async def connect() -> None:
@@ -98,11 +98,11 @@ async def test_unanswered_probe_reported_until_answered() -> None:
         producer, connect, probe=producer.probe, probe_interval_seconds=0.01
     )
     await connection.start()
-    producer.probe_error = BrokerUnavailableError("The Kafka broker did not answer")
+    producer.probe_error = BrokerUnavailableError("The Kafka broker did not respond")
     await _wait_for_probes(producer, 2)
 
     assert connection.connected is False
-    assert connection.last_error == "The Kafka broker did not answer"
+    assert connection.last_error == "The Kafka broker did not respond"
 
     producer.probe_error = None
     await _wait_for_probes(producer, producer.probes + 2)

@@ -581,14 +581,14 @@ def test_frozen_value_at_depth_limit_reused() -> None:
 
 
 class _OwnHashKey(str):
-    """A key that hashes apart from its text, so a dict can also hold the plain string."""
+    """A key that hashes apart from its text, so a dict can also contain the plain string."""
 
     def __hash__(self) -> int:
         return hash(("own", str.__str__(self)))
 
 
 class _IdentityKey(str):
-    """A key equal only to itself, so a dict can hold two of them with the same text."""
+    """A key equal only to itself, so a dict can contain two of them with the same text."""
 
     def __eq__(self, other: object) -> bool:
         return self is other
@@ -609,7 +609,7 @@ class _IdentityKey(str):
 def test_keys_equal_as_text_rejected(labels: dict[str, int], types: str) -> None:
     # Keys become plain strings, and two with the same text would keep only one value.
     # A StrEnum member cannot cause this: it hashes and compares as its text, so a dict
-    # literal with it and the same plain string already holds a single key.
+    # literal with it and the same plain string already contains a single key.
     assert len(labels) == 2
 
     with pytest.raises(EventValidationError) as caught:

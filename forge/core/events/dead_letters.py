@@ -27,8 +27,8 @@ class DeadLetterStatus(str, Enum):
 class DeadLetter:
     """A parked record with why it was parked, by which handler, after how many attempts.
 
-    `extra` holds further details of the failure as text, kept by the stores with the letter;
-    parking the same record and handler again replaces it, as it replaces `reason`.
+    `extra` contains further details of the failure as text, kept by the stores with the
+    letter. Parking the same record and handler again replaces it, as it replaces `reason`.
     """
 
     group_id: str

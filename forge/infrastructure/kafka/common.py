@@ -47,7 +47,7 @@ def to_kafka_headers(headers: Mapping[str, str]) -> KafkaHeaders:
     return [(name, value.encode("utf-8")) for name, value in headers.items()]
 
 
-_TYPE_VALUES = {event_type: event_type.value.encode() for event_type in EventType}
+_TYPE_BYTES = {event_type: event_type.value.encode() for event_type in EventType}
 
 
 def event_kafka_headers(event: Event[Any]) -> KafkaHeaders:
@@ -58,7 +58,7 @@ def event_kafka_headers(event: Event[Any]) -> KafkaHeaders:
     """
     headers = [
         (HEADER_EVENT_ID, uuid_ascii(event.id)),
-        (HEADER_EVENT_TYPE, _TYPE_VALUES[event.type]),
+        (HEADER_EVENT_TYPE, _TYPE_BYTES[event.type]),
         (HEADER_SCHEMA_VERSION, b"%d" % event.schema_version),
         (HEADER_EVENT_TIME, b"%d" % to_microseconds(event.timestamp)),
     ]

@@ -37,6 +37,7 @@ from forge.exceptions import (
     BatchPublishError,
     BrokerUnavailableError,
     EventValidationError,
+    ForgeError,
     NotStartedError,
     PublishError,
 )
@@ -280,10 +281,10 @@ class KafkaEventProducer:
             raise _batch_error(events, failed)
 
     async def probe(self) -> None:
-        """Ask the broker for its metadata, to learn whether it answers.
+        """Request the broker's metadata, to learn whether the broker responds.
 
         Raises:
-            BrokerUnavailableError: no broker answered within `PROBE_TIMEOUT_SECONDS`.
+            BrokerUnavailableError: no broker responded within `PROBE_TIMEOUT_SECONDS`.
             NotStartedError: `start()` was not called, or `stop()` was.
         """
         producer = self._require_started()
@@ -292,7 +293,7 @@ class KafkaEventProducer:
         except (KafkaError, TimeoutError) as error:
             reason = describe(error) if isinstance(error, KafkaError) else "timed out"
             raise BrokerUnavailableError(
-                f"The Kafka broker at {self._bootstrap_servers} did not answer a metadata "
+                f"The Kafka broker at {self._bootstrap_servers} did not respond to a metadata "
                 f"request ({reason}). {START_BROKER_FIX}"
             ) from error
 
@@ -376,18 +377,32 @@ class KafkaEventProducer:
         partition as out of order, until the producer id changes. A new client gets a new id.
         Returns the client to use from now on.
         """
-        causes = [error for error in errors if isinstance(error, _SEQUENCE_BREAKERS)]
-        if not causes:
+        cause = next((error for error in errors if isinstance(error, _SEQUENCE_BREAKERS)), None)
+        if cause is None:
             return producer
-        cause = causes[0]
         async with self._start_lock:
             if self._producer is not producer:
                 # Stopped, or already renewed by a concurrent call.
                 return self._require_started()
             renewed = self._new_client()
-            await start_client(
-                renewed.start(), self._bootstrap_servers, "Kafka producer", CONNECT_TIMEOUT_SECONDS
-            )
+            try:
+                await start_client(
+                    renewed.start(),
+                    self._bootstrap_servers,
+                    "Kafka producer",
+                    CONNECT_TIMEOUT_SECONDS,
+                )
+            except ForgeError as error:
+                # This call goes on with the old client. The next publish that fails out of
+                # order tries again.
+                await renewed.stop()
+                logger.warning(
+                    "kafka_producer_not_renewed",
+                    bootstrap_servers=self._bootstrap_servers,
+                    error=str(error),
+                    next_step="the next publish that fails out of order tries again",
+                )
+                return producer
             self._producer = renewed
         logger.warning(
             "kafka_producer_renewed",
@@ -439,8 +454,8 @@ class KafkaEventProducer:
                 else:
                     partition = partition_of_hash(hashed, partitions)
             except KafkaError as error:
-                # aiokafka's wait for the topic's partitions ends the same way whether the
-                # topic is missing or no broker answered.
+                # aiokafka's wait for the topic's partitions ends with the same error whether
+                # the topic is missing or no broker responded.
                 failed[item.event.id] = _publish_error(
                     f"Event {item.event.id} was not sent to {item.topic}, because its "
                     "partitions are unknown: the topic is missing (create it with `forge kafka "
@@ -497,16 +512,14 @@ class KafkaEventProducer:
             return []
         timeout = self._request_timeout_ms / 1000 + ACK_GRACE_SECONDS
         _, waiting = await asyncio.wait(futures, timeout=timeout)
+        timed_out = KafkaTimeoutError(
+            f"no acknowledgement within {timeout:g} s; the broker at {self._bootstrap_servers} "
+            "may be down, and the event may still be written once it is back"
+        )
         results: list[Any | BaseException] = []
         for future in futures:
             if future in waiting:
-                results.append(
-                    KafkaTimeoutError(
-                        f"no acknowledgement within {timeout:g} s; the broker at "
-                        f"{self._bootstrap_servers} may be down, and the event may still be "
-                        "written once it is back"
-                    )
-                )
+                results.append(timed_out)
             elif future.cancelled():
                 results.append(asyncio.CancelledError())
             else:
@@ -552,6 +565,8 @@ async def _stop_client(producer: AIOKafkaProducer, bootstrap_servers: str) -> No
             timeout_seconds=STOP_TIMEOUT_SECONDS,
             next_step="unsent batches are dropped; their publish calls raise",
         )
+        # NOTE: aiokafka has no public way to abandon queued batches, so this reads its private
+        # `_sender` (checked against aiokafka 0.14.0).
         producer._sender.sender_task.cancel()
         await asyncio.wait({stopping})
     try:

@@ -118,7 +118,7 @@ MIGRATIONS: list[str] = [
         erased_at timestamptz
     );
     """,
-    # 2: `DeadLetter.extra`, a JSON object; letters parked before have none. A constant default
+    # 2: `DeadLetter.extra`, a JSON object. Letters parked before have none. A constant default
     # adds the column without rewriting the table.
     """
     ALTER TABLE dead_letters ADD COLUMN extra jsonb NOT NULL DEFAULT '{}'::jsonb;

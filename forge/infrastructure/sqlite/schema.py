@@ -104,7 +104,7 @@ MIGRATIONS: list[str] = [
         erased_at TEXT
     );
     """,
-    # 3: `DeadLetter.extra`, a JSON object; letters parked before have none
+    # 3: `DeadLetter.extra`, a JSON object. Letters parked before have none.
     """
     ALTER TABLE dead_letters ADD COLUMN extra TEXT NOT NULL DEFAULT '{}';
     """,
