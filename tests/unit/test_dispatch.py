@@ -10,9 +10,11 @@ import pytest
 
 from forge.config import ForgeSettings
 from forge.core.events import dispatch as dispatch_module
+from forge.core.events.context import Causation, current_causation
 from forge.core.events.dead_letters import DECODE_STAGE
 from forge.core.events.dispatch import Dispatcher, HandlerRegistry, RetryPolicy, handler_name
 from forge.core.events.ports import LogRecord
+from forge.exceptions import EventRejectedError
 from forge.models.events import Event, EventType
 from tests.helpers import vote_cast
 
@@ -129,3 +131,71 @@ async def test_decoder_fault_parks_record(monkeypatch: pytest.MonkeyPatch) -> No
     assert result.dead_letters[0].handler == DECODE_STAGE
     assert result.dead_letters[0].reason == "decoder bug"
     assert handled == [good]
+
+
+def vote_records(*events: Event[Any]) -> list[LogRecord]:
+    return [
+        LogRecord("forge.vote.cast", 0, offset, event.key, event.to_json(), {})
+        for offset, event in enumerate(events)
+    ]
+
+
+def no_wait_dispatcher(registry: HandlerRegistry, attempts: int) -> Dispatcher:
+    return Dispatcher("group", registry, RetryPolicy(attempts, 0, 0), 4096, asyncio.Event())
+
+
+async def test_attempts_run_in_event_causation() -> None:
+    vote = vote_cast()
+    seen: list[Causation | None] = []
+
+    async def fail_once(event: Event[Any]) -> None:
+        seen.append(current_causation())
+        if len(seen) == 1:
+            raise RuntimeError("index busy")
+
+    registry = HandlerRegistry()
+    registry.add(EventType.VOTE_CAST, fail_once)
+    result = await no_wait_dispatcher(registry, 3).dispatch(vote_records(vote))
+
+    assert result.dead_letters == []
+    assert result.handled == 1
+    assert seen == [Causation(vote.id, vote.id)] * 2
+    # Neither the attempt that failed nor the one that succeeded leaves its scope behind.
+    assert current_causation() is None
+
+
+async def test_rejected_event_parked_after_one_attempt() -> None:
+    first, second = vote_cast(), vote_cast()
+    calls: list[Event[Any]] = []
+
+    async def reject_first(event: Event[Any]) -> None:
+        calls.append(event)
+        if event.id == first.id:
+            raise EventRejectedError("vote for a closed proposal")
+
+    registry = HandlerRegistry()
+    registry.add(EventType.VOTE_CAST, reject_first, name="tally")
+    result = await no_wait_dispatcher(registry, 5).dispatch(vote_records(first, second))
+
+    assert [event.id for event in calls] == [first.id, second.id]
+    assert [(letter.offset, letter.attempts) for letter in result.dead_letters] == [(0, 1)]
+    assert result.dead_letters[0].handler == "tally"
+    assert result.dead_letters[0].reason == "vote for a closed proposal"
+
+
+async def test_failing_handler_parked_after_attempts() -> None:
+    calls: list[Event[Any]] = []
+
+    async def always_fail(event: Event[Any]) -> None:
+        calls.append(event)
+        raise RuntimeError(f"attempt {len(calls)} failed")
+
+    registry = HandlerRegistry()
+    registry.add(EventType.VOTE_CAST, always_fail, name="tally")
+    result = await no_wait_dispatcher(registry, 3).dispatch(vote_records(vote_cast()))
+
+    assert len(calls) == 3
+    assert [(letter.attempts, letter.reason) for letter in result.dead_letters] == [
+        (3, "attempt 3 failed")
+    ]
+    assert current_causation() is None

@@ -63,7 +63,23 @@ def caused_by(trigger: Event[Any]) -> AbstractContextManager[None]:
     The consumer enters this around every handler call, so a handler's events are linked to the
     event it handles without any code in the handler.
     """
-    return _CausedBy(Causation(trigger.correlation_id or trigger.id, trigger.id))
+    return _CausedBy(causation_of(trigger))
+
+
+def causation_of(trigger: Event[Any]) -> Causation:
+    """Return the correlation and causation ids that `caused_by(trigger)` stamps on events."""
+    return Causation(trigger.correlation_id or trigger.id, trigger.id)
+
+
+def set_causation(causation: Causation) -> Token[Causation | None]:
+    """Enter a `caused_by` scope without building a context manager, as the consumer does per
+    event. Pass the returned token to `reset_causation`."""
+    return _current.set(causation)
+
+
+def reset_causation(token: Token[Causation | None]) -> None:
+    """Leave the scope that `set_causation` entered."""
+    _current.reset(token)
 
 
 def current_causation() -> Causation | None:
