@@ -13,6 +13,7 @@ from uuid import UUID, uuid4
 
 import orjson
 import pytest
+from aiokafka.structs import ConsumerRecord
 from pydantic import JsonValue, TypeAdapter
 
 from forge.core.audit.store import to_microseconds
@@ -21,7 +22,7 @@ from forge.core.events.context import caused_by, current_causation
 from forge.core.events.dispatch import RegisteredHandler
 from forge.core.privacy import PersonalDataProtector
 from forge.exceptions import EventValidationError
-from forge.infrastructure.kafka.common import to_kafka_headers
+from forge.infrastructure.kafka.common import to_kafka_headers, to_log_record, to_log_records
 from forge.infrastructure.kafka.producer import to_record
 from forge.infrastructure.sqlite.event_log import row_to_record, rows_to_records
 from forge.models.base import (
@@ -372,6 +373,46 @@ def test_rows_of_one_fetch_get_their_own_times() -> None:
     assert [record.timestamp for record in records] == [
         datetime.fromisoformat(appended_at) for appended_at in times
     ]
+
+
+def _kafka_message(
+    timestamp: int, key: bytes | None = b"k", value: bytes | None = b"{}", headers: Any = ()
+) -> ConsumerRecord[bytes, bytes]:
+    return ConsumerRecord("forge.vote.cast", 2, 7, timestamp, 0, key, value, None, 1, 2, headers)
+
+
+def test_kafka_records_get_their_own_times() -> None:
+    stamps = [1_700_000_000_000, 1_700_000_000_000, 1_700_000_000_001, -1]
+
+    records = to_log_records([_kafka_message(stamp) for stamp in stamps])
+
+    assert [record.timestamp for record in records] == [
+        datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC),
+        datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC),
+        datetime(2023, 11, 14, 22, 13, 20, 1000, tzinfo=UTC),
+        None,
+    ]
+
+
+def test_kafka_timestamp_beyond_datetime_is_none() -> None:
+    # Kafka 4.4 with default settings rejects such a timestamp, but a broker can be configured
+    # to accept it, and the record must still reach the decoder.
+    (record,) = to_log_records([_kafka_message(10**15)])
+
+    assert record.timestamp is None
+    assert record.value == b"{}"
+
+
+def test_kafka_record_fields_converted() -> None:
+    message = _kafka_message(
+        0, key=b"r\xff", value=None, headers=[("event_id", b"e\xfe"), ("empty", None)]
+    )
+
+    record = to_log_record(message)
+
+    assert record[:5] == ("forge.vote.cast", 2, 7, "r\ufffd", b"")
+    assert record.headers == {"event_id": "e\ufffd", "empty": ""}
+    assert record.timestamp == _EPOCH
 
 
 class _Keys:

@@ -127,19 +127,49 @@ async def start_client(
 
 def to_log_record(message: Any) -> LogRecord:
     """Convert an aiokafka `ConsumerRecord` to a `LogRecord`, leaving the value undecoded."""
-    key: bytes | None = message.key
-    value: bytes | None = message.value
-    timestamp: int | None = message.timestamp
-    # Positional arguments, because with keywords the record took twice as long to build.
-    return LogRecord(
-        message.topic,
-        message.partition,
-        message.offset,
-        key.decode("utf-8", "replace") if key is not None else None,
-        # A record without value (a tombstone) is not an event; the decoder parks it.
-        value if value is not None else b"",
-        from_kafka_headers(message.headers),
-        datetime.fromtimestamp(timestamp / 1000, UTC)
-        if timestamp is not None and timestamp >= 0
-        else None,
-    )
+    return to_log_records((message,))[0]
+
+
+def to_log_records(messages: Iterable[Any]) -> list[LogRecord]:
+    """Convert aiokafka `ConsumerRecord`s to `LogRecord`s, leaving the values undecoded.
+
+    Records with the same timestamp in milliseconds share one `datetime`, because building it
+    took about a third of the 1.4 µs per record, and the records of one producer batch often
+    share their millisecond.
+    """
+    times: dict[int, datetime | None] = {}
+    records: list[LogRecord] = []
+    for message in messages:
+        key: bytes | None = message.key
+        value: bytes | None = message.value
+        timestamp: int | None = message.timestamp
+        when = times.get(timestamp) if timestamp is not None else None
+        if when is None and timestamp is not None:
+            when = times[timestamp] = _record_time(timestamp)
+        # Positional arguments, because with keywords the record took twice as long to build.
+        records.append(
+            LogRecord(
+                message.topic,
+                message.partition,
+                message.offset,
+                key.decode("utf-8", "replace") if key is not None else None,
+                # A record without value (a tombstone) is not an event; the decoder parks it.
+                value if value is not None else b"",
+                from_kafka_headers(message.headers),
+                when,
+            )
+        )
+    return records
+
+
+def _record_time(timestamp: int) -> datetime | None:
+    """Return a Kafka timestamp in milliseconds as a UTC datetime, or None when it has none.
+
+    A producer sets the timestamp of its records, so it may be beyond what `datetime` holds.
+    """
+    if timestamp < 0:
+        return None
+    try:
+        return datetime.fromtimestamp(timestamp / 1000, UTC)
+    except (OverflowError, ValueError, OSError):
+        return None

@@ -69,7 +69,7 @@ from forge.infrastructure.kafka.common import (
     describe,
     is_retriable,
     start_client,
-    to_log_record,
+    to_log_records,
 )
 from forge.infrastructure.kafka.producer import KafkaEventProducer
 from forge.logging import get_logger
@@ -310,9 +310,7 @@ class KafkaEventConsumer(HandlerRegistrations):
         if not batches:
             return worked
 
-        per_partition = [
-            [to_log_record(message) for message in batches[tp]] for tp in sorted(batches)
-        ]
+        per_partition = [to_log_records(batches[tp]) for tp in sorted(batches)]
         # Each event type has its own topic, so Kafka orders one resource's events only within
         # a type. Merging the fetched partitions by event time keeps each partition's order and
         # hands over a resource's created, updated and deleted events in the order they
