@@ -80,6 +80,15 @@ logger = get_logger(__name__)
 FETCH_TIMEOUT_MS = 500
 """Maximum wait of one poll for records, which bounds how late the loop notices stop()."""
 
+FETCH_MAX_WAIT_MS = 100
+"""Maximum time the broker waits for new records before it responds to a fetch request
+(Kafka's `fetch.max.wait.ms`).
+
+The broker handles one connection's requests in order, so the requests for end offsets that
+`drain()` sends wait behind such a fetch. With aiokafka's default of 500 ms, the last of them
+took 0.42 s of a 3.5 s drain of 200,000 events. A shorter wait means more fetch requests while
+the topics are idle: at most 10 a second per broker, instead of 2."""
+
 KEEPALIVE_INTERVAL_SECONDS = 10.0
 """Poll interval while a batch is being handled, far below `max_poll_interval_ms`."""
 
@@ -448,6 +457,7 @@ class KafkaEventConsumer(HandlerRegistrations):
             # `_on_partitions_revoked` may spend finishing the batch in progress.
             rebalance_timeout_ms=session_ms + int(settings.consumer_stop_timeout_seconds * 1000),
             max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             # aiokafka 0.14's documentation warns that a consumer can get stuck on a record
             # larger than this.
             max_partition_fetch_bytes=max(
