@@ -339,8 +339,9 @@ class Event(ForgeBaseModel, Generic[DataT]):
         default_factory=FrozenDict, description="Additional metadata, never personal data"
     )
 
+    # Strict, so that `True` is not taken for version 1.
     schema_version: int = Field(
-        default=1, ge=1, description="Event schema version for backward compatibility"
+        default=1, ge=1, strict=True, description="Event schema version for backward compatibility"
     )
 
     def __init__(self, **values: Any) -> None:
