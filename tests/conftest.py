@@ -489,9 +489,14 @@ class _DeadLettersByTestGroup:
         await self._store.mark_resolved(letter_id)
 
     async def mark_parked(
-        self, letter_id: int, reason: str, error_type: str, attempts: int
+        self,
+        letter_id: int,
+        reason: str,
+        error_type: str,
+        attempts: int,
+        extra: Mapping[str, str] | None = None,
     ) -> None:
-        await self._store.mark_parked(letter_id, reason, error_type, attempts)
+        await self._store.mark_parked(letter_id, reason, error_type, attempts, extra)
 
 
 class _ReplayerAfterAuditCatchUp:

@@ -88,6 +88,7 @@ class DeadLetterBody(BaseModel):
     status: str
     parked_at: datetime | None
     value: str
+    extra: dict[str, str]
 
     @classmethod
     def of(cls, letter: DeadLetter) -> DeadLetterBody:
@@ -107,6 +108,7 @@ class DeadLetterBody(BaseModel):
             status=letter.status.value,
             parked_at=letter.parked_at,
             value=letter.value.decode("utf-8", errors="replace"),
+            extra=dict(letter.extra),
         )
 
 

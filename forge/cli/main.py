@@ -607,6 +607,7 @@ def dlq_list(
                     "reason": letter.reason,
                     "error_type": letter.error_type,
                     "parked_at": letter.parked_at.isoformat() if letter.parked_at else None,
+                    "extra": dict(letter.extra),
                 }
             )
         return

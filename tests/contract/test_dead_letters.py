@@ -321,3 +321,55 @@ async def test_unparsable_letter_names_event(backend: Any) -> None:
     assert letters[0].handler == "decode"
     assert letters[0].event_id == str(event.id)
     assert letters[0].event_type == "capsule.created"
+
+
+async def test_letter_keeps_handler_traceback(backend: Any) -> None:
+    async def indexer(event: Event[Any]) -> None:
+        raise ConnectionError("search index unreachable")
+
+    await backend.publisher.publish(capsule_created())
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, indexer, name="indexer")
+    await consumer.start()
+    await consumer.drain()
+
+    [letter] = await backend.dead_letters.list(group_id="search")
+    lines = letter.extra["traceback"].splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[-1] == "ConnectionError: search index unreachable"
+    assert any(", in indexer" in line for line in lines)
+
+
+async def test_failed_retry_replaces_traceback(backend: Any) -> None:
+    failure: Exception = TimeoutError("index timed out")
+
+    async def indexer(event: Event[Any]) -> None:
+        raise failure
+
+    await backend.publisher.publish(capsule_created())
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, indexer, name="indexer")
+    await consumer.start()
+    await consumer.drain()
+    [first] = await backend.dead_letters.list(group_id="search")
+    failure = KeyError("shard 4")
+
+    await backend.dead_letters.request_retry(group_id="search")
+    await consumer.drain()
+
+    [again] = await backend.dead_letters.list(group_id="search")
+    assert first.extra["traceback"].endswith("TimeoutError: index timed out\n")
+    assert again.extra["traceback"].endswith("KeyError: 'shard 4'\n")
+    assert again.reason == "'shard 4'"
+
+
+async def test_invalid_record_letter_has_no_traceback(backend: Any) -> None:
+    await backend.append_raw("forge.capsule.created", b'{"type": "capsule.created"}')
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, Recorder(), name="indexer")
+    await consumer.start()
+    await consumer.drain()
+
+    [letter] = await backend.dead_letters.list(group_id="search")
+    assert letter.error_type == "EventValidationError"
+    assert dict(letter.extra) == {}

@@ -55,6 +55,22 @@ async def test_parking_again_replaces_extra(tmp_path: Path) -> None:
     assert (listed.reason, dict(listed.extra)) == ("again", {"shard": "4"})
 
 
+async def test_parked_again_after_retry_replaces_extra(tmp_path: Path) -> None:
+    async with SqliteDatabase(tmp_path / "forge.db") as database:
+        store = SqliteDeadLetterStore(database)
+        await store.park([letter(0, extra={"shard": "3"}), letter(1, extra={"shard": "5"})])
+        await store.request_retry()
+        first, second = await store.claim_retries("search")
+
+        await store.mark_parked(first.id, "again", "KeyError", 1, {"shard": "4"})  # type: ignore[arg-type]
+        await store.mark_parked(second.id, "again", "KeyError", 1)  # type: ignore[arg-type]
+        replaced, emptied = await store.list()
+
+    assert dict(replaced.extra) == {"shard": "4"}
+    assert dict(emptied.extra) == {}
+    assert replaced.attempts == 4
+
+
 async def test_file_of_schema_2_opened(tmp_path: Path) -> None:
     # A file written before dead letters had `extra`: its letters still list, with none.
     path = tmp_path / "forge.db"

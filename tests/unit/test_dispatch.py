@@ -12,9 +12,16 @@ from forge.config import ForgeSettings
 from forge.core.events import dispatch as dispatch_module
 from forge.core.events.context import Causation, current_causation
 from forge.core.events.dead_letters import DECODE_STAGE
-from forge.core.events.dispatch import Dispatcher, HandlerRegistry, RetryPolicy, handler_name
+from forge.core.events.dispatch import (
+    MAX_TRACEBACK_CHARS,
+    Dispatcher,
+    HandlerRegistry,
+    RetryPolicy,
+    failure_details,
+    handler_name,
+)
 from forge.core.events.ports import LogRecord
-from forge.exceptions import EventRejectedError
+from forge.exceptions import EventRejectedError, EventValidationError
 from forge.models.events import Event, EventType
 from tests.helpers import vote_cast
 
@@ -199,3 +206,18 @@ async def test_failing_handler_parked_after_attempts() -> None:
         (3, "attempt 3 failed")
     ]
     assert current_causation() is None
+
+
+def test_long_traceback_keeps_innermost_frames() -> None:
+    try:
+        raise RuntimeError("x" * 20_000 + " end")
+    except RuntimeError as error:
+        details = failure_details(error)
+
+    assert details["traceback"].startswith("...\n")
+    assert details["traceback"].endswith(" end\n")
+    assert len(details["traceback"]) == MAX_TRACEBACK_CHARS + len("...\n")
+
+
+def test_invalid_record_gets_no_traceback() -> None:
+    assert failure_details(EventValidationError("Invalid vote.cast event", [])) == {}

@@ -79,6 +79,14 @@ class DeadLetterStore(Protocol):
     async def mark_resolved(self, letter_id: int) -> None: ...
 
     async def mark_parked(
-        self, letter_id: int, reason: str, error_type: str, attempts: int
+        self,
+        letter_id: int,
+        reason: str,
+        error_type: str,
+        attempts: int,
+        extra: Mapping[str, str] | None = None,
     ) -> None:
-        """Park a redelivered letter again after it failed, adding `attempts` to its count."""
+        """Park a redelivered letter again after it failed, adding `attempts` to its count.
+
+        `extra` replaces the letter's `extra`, as `reason` replaces its reason.
+        """

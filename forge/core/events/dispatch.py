@@ -8,6 +8,7 @@ commits its position only after that, so no event is skipped without a trace.
 from __future__ import annotations
 
 import asyncio
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -402,6 +403,7 @@ class Dispatcher:
             attempts=attempts,
             event_id=str(event.id) if event is not None else _readable_field(record, "id"),
             event_type=event.type.value if event is not None else _readable_field(record, "type"),
+            extra=failure_details(error),
         )
         logger.warning(
             "event_parked",
@@ -415,6 +417,24 @@ class Dispatcher:
             reason=reason[:500],
         )
         return letter
+
+
+MAX_TRACEBACK_CHARS = 8_000
+"""Maximum length of the traceback kept with a dead letter; longer ones keep their end, where
+the innermost frames are."""
+
+
+def failure_details(error: BaseException) -> dict[str, str]:
+    """Return a dead letter's `extra` for `error`, the traceback of a handler or decoder fault.
+
+    An invalid record gets none, because its reason already names every invalid field.
+    """
+    if isinstance(error, EventValidationError):
+        return {}
+    text = "".join(traceback.format_exception(error))
+    if len(text) > MAX_TRACEBACK_CHARS:
+        text = "...\n" + text[-MAX_TRACEBACK_CHARS:]
+    return {"traceback": text}
 
 
 _HEADER_FOR_FIELD = {"id": "event_id", "type": "event_type"}

@@ -688,7 +688,11 @@ class KafkaEventConsumer(HandlerRegistrations):
                 )
             else:
                 await store.mark_parked(
-                    letter.id, outcome.reason, outcome.error_type, outcome.attempts
+                    letter.id,
+                    outcome.reason,
+                    outcome.error_type,
+                    outcome.attempts,
+                    outcome.extra,
                 )
         return bool(letters)
 

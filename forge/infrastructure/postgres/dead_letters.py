@@ -9,7 +9,7 @@ redelivering leaves them to the next claim once the lease has run out.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -168,15 +168,22 @@ class PostgresDeadLetterStore:
         )
 
     async def mark_parked(
-        self, letter_id: int, reason: str, error_type: str, attempts: int
+        self,
+        letter_id: int,
+        reason: str,
+        error_type: str,
+        attempts: int,
+        extra: Mapping[str, str] | None = None,
     ) -> None:
         """Park a redelivered letter again after it failed, adding `attempts` to its count."""
         await self._database.execute(
             "UPDATE dead_letters SET status = $1, reason = $2, error_type = $3, "
-            "attempts = attempts + $4, updated_at = now(), claimed_until = NULL WHERE id = $5",
+            "attempts = attempts + $4, updated_at = now(), claimed_until = NULL, "
+            "extra = $5::jsonb WHERE id = $6",
             DeadLetterStatus.PARKED.value,
             reason,
             error_type,
             attempts,
+            orjson.dumps(dict(extra or {})).decode(),
             letter_id,
         )

@@ -282,7 +282,11 @@ class SqliteEventConsumer(HandlerRegistrations):
                 )
             else:
                 await self._dead_letters.mark_parked(
-                    letter.id, outcome.reason, outcome.error_type, outcome.attempts
+                    letter.id,
+                    outcome.reason,
+                    outcome.error_type,
+                    outcome.attempts,
+                    outcome.extra,
                 )
         return bool(letters)
 

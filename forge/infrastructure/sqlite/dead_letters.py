@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -176,15 +176,29 @@ class SqliteDeadLetterStore:
         await self._set_status(letter_id, DeadLetterStatus.RESOLVED)
 
     async def mark_parked(
-        self, letter_id: int, reason: str, error_type: str, attempts: int
+        self,
+        letter_id: int,
+        reason: str,
+        error_type: str,
+        attempts: int,
+        extra: Mapping[str, str] | None = None,
     ) -> None:
         now = datetime.now(UTC).isoformat()
+        details = orjson.dumps(dict(extra or {})).decode()
 
         def update(connection: sqlite3.Connection) -> None:
             connection.execute(
                 "UPDATE dead_letters SET status = ?, reason = ?, error_type = ?, "
-                "attempts = attempts + ?, updated_at = ? WHERE id = ?",
-                (DeadLetterStatus.PARKED.value, reason, error_type, attempts, now, letter_id),
+                "attempts = attempts + ?, updated_at = ?, extra = ? WHERE id = ?",
+                (
+                    DeadLetterStatus.PARKED.value,
+                    reason,
+                    error_type,
+                    attempts,
+                    now,
+                    details,
+                    letter_id,
+                ),
             )
 
         await self._database.write(update)
