@@ -250,3 +250,46 @@ async def test_pool_exhaustion_raises_unavailable(postgres_dsn: str, schema: str
         async with database.connection():
             with pytest.raises(StorageUnavailableError, match="max_size=1"):
                 await database.fetchval("SELECT 1")
+
+
+async def test_pool_minimum_above_server_limit_rejected(postgres_dsn: str, schema: str) -> None:
+    probe = await asyncpg.connect(postgres_dsn)
+    try:
+        limit = int(await probe.fetchval("SELECT current_setting('max_connections')"))
+    finally:
+        await probe.close()
+    database = PostgresDatabase(postgres_dsn, schema=schema, min_size=limit + 5, max_size=limit + 5)
+
+    # A retry cannot help, so the error is not retriable and start-up fails at once.
+    with pytest.raises(ConfigurationError) as caught:
+        await database.open()
+
+    assert caught.value.retriable is False
+    assert f"keeps {limit + 5} connections open (FORGE_POSTGRES_POOL_MIN_SIZE)" in str(caught.value)
+    assert "raise max_connections on the server" in str(caught.value)
+    # asyncpg closed the connections it had opened before the rejection.
+    async with PostgresDatabase(postgres_dsn, schema=schema, min_size=5) as reopened:
+        assert await reopened.fetchval("SELECT 1") == 1
+
+
+async def test_slots_held_by_others_stay_retriable(postgres_dsn: str, schema: str) -> None:
+    others: list[asyncpg.Connection] = []
+    try:
+        # Take every free slot, then give two back.
+        while True:
+            try:
+                others.append(await asyncpg.connect(postgres_dsn))
+            except asyncpg.TooManyConnectionsError:
+                break
+        for connection in others[-2:]:
+            await connection.close()
+        del others[-2:]
+
+        # Three connections fit within the limit, but only two slots are free.
+        with pytest.raises(StorageUnavailableError) as caught:
+            await PostgresDatabase(postgres_dsn, schema=schema, min_size=3, max_size=3).open()
+    finally:
+        await asyncio.gather(*(connection.close() for connection in others))
+
+    assert caught.value.retriable is True
+    assert "has no free connection slot" in str(caught.value)

@@ -268,6 +268,8 @@ class PostgresDatabase:
                     command_timeout=self._command_timeout,
                     server_settings=self._server_settings,
                 )
+            except asyncpg.TooManyConnectionsError as error:
+                raise await self._too_many_connections_error(error) from error
             except DRIVER_ERRORS as error:
                 raise self.translate_error(error) from error
 
@@ -287,6 +289,45 @@ class PostgresDatabase:
             schema_version=self.schema_version,
             max_size=self._max_size,
         )
+
+    async def _too_many_connections_error(
+        self, error: asyncpg.TooManyConnectionsError
+    ) -> ForgeError:
+        """Return the error for a pool whose connections the server rejected as too many.
+
+        When the pool's minimum exceeds the server's connection limit for this user, a retry
+        cannot help, so the error is a `ConfigurationError`. Otherwise other clients hold the
+        slots, and the error is the retriable one of `translate_error`.
+        """
+        limit = await self._connection_limit()
+        if limit is None or self._min_size <= limit:
+            return self.translate_error(error)
+        return ConfigurationError(
+            f"The connection pool keeps {self._min_size} connections open "
+            f"(FORGE_POSTGRES_POOL_MIN_SIZE), but PostgreSQL at {self.dsn} accepts at most "
+            f"{limit} connections from this user (max_connections minus the reserved ones). "
+            "Lower FORGE_POSTGRES_POOL_MIN_SIZE, or raise max_connections on the server."
+        )
+
+    async def _connection_limit(self) -> int | None:
+        """Return how many connections the server accepts from this user, or None when no
+        connection can be opened to ask it."""
+        try:
+            connection = await asyncpg.connect(self._dsn, timeout=self._connect_timeout)
+        except DRIVER_ERRORS:
+            return None
+        try:
+            limit: int = await connection.fetchval(
+                "SELECT current_setting('max_connections')::int - CASE WHEN rolsuper THEN 0 "
+                "ELSE current_setting('superuser_reserved_connections')::int "
+                "+ coalesce(current_setting('reserved_connections', true)::int, 0) END "
+                "FROM pg_roles WHERE rolname = current_user"
+            )
+        except DRIVER_ERRORS:
+            return None
+        finally:
+            await connection.close(timeout=self._close_timeout)
+        return limit
 
     async def close(self) -> None:
         """Close every connection, waiting at most `close_timeout` for busy ones; idempotent."""
