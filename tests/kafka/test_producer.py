@@ -28,7 +28,7 @@ from forge.infrastructure.kafka.producer import (
     shutdown_event_producer,
 )
 from forge.models.events import EventType, parse_event, topic_for
-from tests.helpers import MAX_EVENT_BYTES, capsule_created
+from tests.helpers import MAX_EVENT_BYTES, capsule_created, vote_cast
 from tests.kafka.conftest import BOOTSTRAP_SERVERS, end_offsets, kafka_settings
 
 pytestmark = pytest.mark.kafka
@@ -259,6 +259,7 @@ async def test_unknown_partitions_name_both_causes(
         raise UnknownTopicOrPartitionError()
 
     async with KafkaEventProducer(settings=kafka_settings(tmp_path)) as producer:
+        forget_metadata(producer, monkeypatch, {event.topic})
         assert producer._producer is not None
         monkeypatch.setattr(producer._producer, "partitions_for", no_metadata)
         with pytest.raises(PublishError) as caught:
@@ -267,6 +268,50 @@ async def test_unknown_partitions_name_both_causes(
     assert "forge kafka topics ensure" in str(caught.value)
     assert "broker is down" in str(caught.value)
     assert caught.value.retriable is True
+
+
+def forget_metadata(
+    producer: KafkaEventProducer, monkeypatch: pytest.MonkeyPatch, topics: set[str]
+) -> None:
+    """Make the producer's client report no partitions for `topics`, as for a new topic."""
+    assert producer._producer is not None
+    cluster = producer._producer.client.cluster
+    known = cluster.partitions_for_topic
+
+    def partitions_for_topic(topic: str) -> set[int] | None:
+        return None if topic in topics else known(topic)
+
+    monkeypatch.setattr(cluster, "partitions_for_topic", partitions_for_topic)
+
+
+async def test_unknown_topics_share_one_metadata_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    votes = [vote_cast() for _ in range(4)]
+    capsules = [capsule_created() for _ in range(4)]
+    requested: list[str] = []
+
+    async def metadata_never_comes(topic: str) -> set[int]:
+        requested.append(topic)
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    producer = KafkaEventProducer(settings=kafka_settings(tmp_path), request_timeout_ms=1000)
+    async with producer:
+        forget_metadata(producer, monkeypatch, {votes[0].topic, capsules[0].topic})
+        assert producer._producer is not None
+        monkeypatch.setattr(producer._producer, "partitions_for", metadata_never_comes)
+        started = time.monotonic()
+        with pytest.raises(BatchPublishError) as caught:
+            await producer.publish_batch([*votes, *capsules])
+        elapsed = time.monotonic() - started
+
+    # Each topic's metadata is requested once, and the two topics share the request timeout of
+    # 1 s, where aiokafka bounds only the wait for each topic.
+    assert requested == [votes[0].topic, capsules[0].topic]
+    assert elapsed < 2.5
+    assert set(caught.value.failed) == {event.id for event in [*votes, *capsules]}
+    assert all(error.retriable for error in caught.value.failed.values())
 
 
 async def test_repeated_invalid_event_counted_each_time(tmp_path: Path) -> None:

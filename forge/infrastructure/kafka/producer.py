@@ -16,6 +16,7 @@ Delivery guarantees, with the settings chosen in `KafkaEventProducer.__init__`:
 from __future__ import annotations
 
 import asyncio
+import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -440,29 +441,33 @@ class KafkaEventProducer:
         failed: dict[Any, PublishError] = {}
         by_partition: dict[tuple[str, int], list[OutgoingRecord]] = {}
         # Asked once per topic and call, not per record: each ask is a coroutine and a sort.
-        partitions_of: dict[str, list[int]] = {}
+        # A topic whose partitions could not be learned is kept with the error, so that its
+        # other records fail at once instead of each waiting again.
+        partitions_of: dict[str, list[int] | BaseException] = {}
+        # aiokafka waits up to request_timeout_ms for each topic it has no metadata for, so
+        # the topics of one call share one such wait.
+        metadata_deadline = time.monotonic() + self._request_timeout_ms / 1000
         hashes = iter(murmur2_many([item.key for item in outgoing if item.key is not None]))
         for item in outgoing:
             hashed = next(hashes) if item.key is not None else None
-            try:
-                partitions = partitions_of.get(item.topic)
-                if partitions is None:
-                    partitions = sorted(await producer.partitions_for(item.topic))
-                    partitions_of[item.topic] = partitions
-                if hashed is None:
-                    partition = int(_PARTITIONER(None, partitions, partitions))
-                else:
-                    partition = partition_of_hash(hashed, partitions)
-            except KafkaError as error:
+            partitions = partitions_of.get(item.topic)
+            if partitions is None:
+                partitions = await _partitions_until(producer, item.topic, metadata_deadline)
+                partitions_of[item.topic] = partitions
+            if isinstance(partitions, BaseException):
                 # aiokafka's wait for the topic's partitions ends with the same error whether
                 # the topic is missing or no broker responded.
                 failed[item.event.id] = _publish_error(
                     f"Event {item.event.id} was not sent to {item.topic}, because its "
                     "partitions are unknown: the topic is missing (create it with `forge kafka "
                     "topics ensure`) or the broker is down",
-                    error,
+                    partitions,
                 )
                 continue
+            if hashed is None:
+                partition = int(_PARTITIONER(None, partitions, partitions))
+            else:
+                partition = partition_of_hash(hashed, partitions)
             by_partition.setdefault((item.topic, partition), []).append(item)
 
         pending: list[tuple[list[OutgoingRecord], asyncio.Future[Any]]] = []
@@ -540,6 +545,30 @@ class KafkaEventProducer:
             future = asyncio.get_running_loop().create_future()
             future.set_exception(error)
         return future
+
+
+async def _partitions_until(
+    producer: AIOKafkaProducer, topic: str, deadline: float
+) -> list[int] | BaseException:
+    """Return the sorted partitions of `topic`, or the error if they are unknown at `deadline`."""
+    known: set[int] | None = producer.client.cluster.partitions_for_topic(topic)
+    if known is not None:
+        # A known topic returns without the timeout's task, because every call looks up each
+        # of its topics.
+        return sorted(known)
+    try:
+        partitions: set[int] = await asyncio.wait_for(
+            producer.partitions_for(topic), max(deadline - time.monotonic(), 0.001)
+        )
+    except TimeoutError:
+        timed_out: BaseException = KafkaTimeoutError(
+            f"no metadata for {topic} within the request timeout"
+        )
+        return timed_out
+    except KafkaError as error:
+        failure: BaseException = error
+        return failure
+    return sorted(partitions)
 
 
 def _publish_error(context: str, error: BaseException) -> PublishError:
