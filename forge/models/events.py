@@ -403,15 +403,44 @@ class Event(ForgeBaseModel, Generic[DataT]):
         try:
             return self.__pydantic_serializer__.to_json(self)
         except PydanticSerializationError as error:
+            location, text = _unencodable_text(self.model_dump()) or ("<event>", None)
             raise EventValidationError(
                 f"Event {self.id} ({self.type.value}) cannot be written as JSON: {error}. "
-                "Remove lone surrogates from its texts, or encode such data as base64.",
-                [FieldProblem("<event>", None, "not valid UTF-8 text")],
+                f"The text at {location!r} is not valid UTF-8. Remove lone surrogates from its "
+                "texts, or encode such data as base64.",
+                [FieldProblem(location, text, "not valid UTF-8 text")],
             ) from error
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-compatible dict of the event."""
         return self.model_dump(mode="json")
+
+
+def _unencodable_text(value: Any, path: str = "") -> tuple[str, str] | None:
+    """Return the path and text of the first string in `value` that UTF-8 cannot encode.
+
+    A key is named by the path of its object and "(key)".
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return (path or "<event>", value)
+        return None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            found = _unencodable_text(key, f"{path or '<event>'} (key)") or _unencodable_text(
+                item, child
+            )
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _unencodable_text(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _json_default(value: Any) -> Any:

@@ -169,6 +169,27 @@ def test_lone_surrogate_rejected_on_serialization() -> None:
     assert str(caught.value).startswith(f"Event {event.id} (capsule.created) cannot be written")
 
 
+@pytest.mark.parametrize(
+    ("metadata", "location", "text"),
+    [
+        ({"note": "half of a pair \ud83d"}, "metadata.note", "half of a pair \ud83d"),
+        ({"a": {"b": ["ok", "x\udc00"]}}, "metadata.a.b[1]", "x\udc00"),
+        ({"a": {"k\ud800": 1}}, "metadata.a (key)", "k\ud800"),
+    ],
+    ids=["field", "nested", "key"],
+)
+def test_lone_surrogate_error_names_field(
+    metadata: dict[str, Any], location: str, text: str
+) -> None:
+    event = capsule_created(metadata=metadata)
+
+    with pytest.raises(EventValidationError) as caught:
+        event.to_json()
+
+    assert [(p.location, p.value) for p in caught.value.problems] == [(location, text)]
+    assert f"The text at {location!r} is not valid UTF-8" in str(caught.value)
+
+
 def test_ip_addresses_match_pydantic_json() -> None:
     for address in ("192.0.2.1", "2001:db8::1"):
         event = UserAuthenticatedEvent.create(
