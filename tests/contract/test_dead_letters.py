@@ -373,3 +373,21 @@ async def test_invalid_record_letter_has_no_traceback(backend: Any) -> None:
     [letter] = await backend.dead_letters.list(group_id="search")
     assert letter.error_type == "EventValidationError"
     assert dict(letter.extra) == {}
+
+
+async def test_message_with_lone_surrogate_parked(backend: Any) -> None:
+    # UTF-8 cannot encode a lone surrogate, for the store or a Kafka header, so the letter
+    # keeps the message with it escaped.
+    async def indexer(event: Event[Any]) -> None:
+        raise RuntimeError("title 'a\ud800b' rejected")
+
+    await backend.publisher.publish(capsule_created())
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, indexer, name="indexer")
+    await consumer.start()
+    handled = await consumer.drain()
+
+    [letter] = await backend.dead_letters.list(group_id="search")
+    assert handled == 1
+    assert letter.reason == "title 'a\\ud800b' rejected"
+    assert letter.extra["traceback"].endswith("RuntimeError: title 'a\\ud800b' rejected\n")

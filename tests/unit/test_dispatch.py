@@ -221,3 +221,27 @@ def test_long_traceback_keeps_innermost_frames() -> None:
 
 def test_invalid_record_gets_no_traceback() -> None:
     assert failure_details(EventValidationError("Invalid vote.cast event", [])) == {}
+
+
+class _UnreadableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("message not readable")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr not readable")
+
+
+async def test_unreadable_exception_still_parked() -> None:
+    async def fail(event: Event[Any]) -> None:
+        raise _UnreadableError
+
+    registry = HandlerRegistry()
+    registry.add(EventType.VOTE_CAST, fail, name="tally")
+    registry.add_batch([EventType.VOTE_CAST], fail, name="projector")
+    result = await no_wait_dispatcher(registry, 2).dispatch(vote_records(vote_cast()))
+
+    assert [letter.handler for letter in result.dead_letters] == ["projector", "tally"]
+    for letter in result.dead_letters:
+        assert letter.reason == "_UnreadableError (its message could not be read)"
+        assert letter.error_type == "_UnreadableError"
+        assert letter.extra["traceback"].endswith("_UnreadableError: <exception str() failed>\n")
