@@ -6,6 +6,9 @@ import sqlite3
 from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from forge.core.events.dead_letters import DeadLetter
 from forge.infrastructure.sqlite.database import SqliteDatabase
@@ -94,3 +97,12 @@ async def test_file_of_schema_2_opened(tmp_path: Path) -> None:
 
     assert (old.reason, dict(old.extra)) == ("old", {})
     assert dict(new.extra) == {"shard": "3"}
+
+
+@pytest.mark.parametrize("extra", [{"shard": b"3"}, {"shard": 3}, {3: "shard"}])
+def test_extra_not_text_rejected(extra: dict[Any, Any]) -> None:
+    with pytest.raises(TypeError) as caught:
+        letter(0, extra=extra)
+
+    assert "DeadLetter.extra must map strings to strings" in str(caught.value)
+    assert "str() or json.dumps()" in str(caught.value)

@@ -49,6 +49,17 @@ class DeadLetter:
     id: int | None = None
     extra: Mapping[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # The stores write `extra` as a JSON object of strings, and would fail later, with a
+        # driver's error, on anything else.
+        for name, value in self.extra.items():
+            if not isinstance(name, str) or not isinstance(value, str):
+                raise TypeError(
+                    f"DeadLetter.extra must map strings to strings, but {name!r} maps to "
+                    f"{value!r} ({type(name).__name__} to {type(value).__name__}). Convert "
+                    "the value with str() or json.dumps()."
+                )
+
 
 @runtime_checkable
 class DeadLetterStore(Protocol):
