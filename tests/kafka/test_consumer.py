@@ -441,3 +441,29 @@ async def test_batch_handler_sees_events_in_order(
 
     assert [event.id for batch in batches for event in batch] == [event.id for event in sent]
     assert len(batches) < len(sent)
+
+
+async def test_invalid_event_time_header_ignored(
+    settings: ForgeSettings,
+    group_id: str,
+    producer: KafkaEventProducer,
+    consumers: list[KafkaEventConsumer],
+) -> None:
+    # The header only orders the records of a fetch, so an invalid one falls back to Kafka's
+    # timestamp. "²" passes `str.isdigit()` but not `int()`, and `int()` rejects 5,000 digits.
+    consumer = await new_consumer(consumers, settings, group_id, [EventType.CAPSULE_CREATED])
+    recorder = Recorder()
+    consumer.register_handler(EventType.CAPSULE_CREATED, recorder)
+    await consumer.start()
+    odd = [capsule_created() for _ in range(6)]
+    plain = [capsule_created() for _ in range(6)]
+
+    for event, header in zip(odd, ["²", "9" * 5000, "-5", "1e9", "", " 7"], strict=True):
+        headers = {"event_id": str(event.id), "event_time_us": header}
+        await producer.append_raw(CAPSULE_CREATED, event.to_json(), key=event.key, headers=headers)
+    await producer.publish_batch(plain)
+    handled = await consumer.drain(timeout=30)
+
+    assert handled == 12
+    assert set(recorder.ids) == {event.id for event in [*odd, *plain]}
+    assert consumer.parked_count == 0

@@ -886,7 +886,10 @@ class KafkaEventConsumer(HandlerRegistrations):
 def _event_time(record: LogRecord) -> int:
     """Return the record's event time in microseconds: from its header, else Kafka's timestamp."""
     header = record.headers.get(HEADER_EVENT_TIME)
-    if header is not None and header.isdigit():
+    # Only ASCII digits, and at most 19 of them: `isdigit()` also accepts digits such as "²"
+    # that `int()` rejects, and `int()` rejects texts over 4,300 digits. A record whose header
+    # is invalid falls back to its timestamp, and its value is checked by the decoder.
+    if header is not None and len(header) <= 19 and header.isascii() and header.isdigit():
         return int(header)
     if record.timestamp is not None:
         return int(record.timestamp.timestamp() * 1_000_000)
