@@ -174,12 +174,14 @@ def test_key_of_other_resource_rejected() -> None:
         decode_event(event.to_json(), LIMIT, key=other.upper())
 
 
-def test_copied_schema_version_rejected_on_encode() -> None:
-    # model_copy does not validate, so creation's check cannot catch this.
-    event = capsule_created().model_copy(update={"schema_version": 2})
+@pytest.mark.parametrize("version", [2, True, 1.0], ids=["2", "true", "float"])
+def test_copied_schema_version_rejected_on_encode(version: object) -> None:
+    # model_copy does not validate, so creation's check cannot catch this. `True == 1` and
+    # `1.0 == 1`, but consumers reject both.
+    event = capsule_created().model_copy(update={"schema_version": version})
 
     with pytest.raises(EventSchemaError) as caught:
         encode_event(event, MAX_EVENT_BYTES)
 
-    assert "has schema_version 2, but this code writes version 1" in str(caught.value)
-    assert [(p.location, p.value) for p in caught.value.problems] == [("schema_version", 2)]
+    assert f"has schema_version {version}, but this code writes version 1" in str(caught.value)
+    assert [(p.location, p.value) for p in caught.value.problems] == [("schema_version", version)]

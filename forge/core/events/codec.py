@@ -68,7 +68,8 @@ def encode_value(event: Event[Any], max_bytes: int) -> bytes:
             that, but `model_copy(update=...)` does not validate.
     """
     current = type(event).SCHEMA_VERSION
-    if event.schema_version != current:
+    # `True == 1`, so the type is checked too.
+    if event.schema_version != current or type(event.schema_version) is not int:
         raise EventSchemaError(
             f"Event {event.id} ({event.type.value}) has schema_version {event.schema_version}, "
             f"but this code writes version {current}; consumers would reject or upgrade it "
