@@ -13,10 +13,12 @@ from forge.core.events import dispatch as dispatch_module
 from forge.core.events.context import Causation, current_causation
 from forge.core.events.dead_letters import DECODE_STAGE
 from forge.core.events.dispatch import (
+    MAX_REASON_CHARS,
     MAX_TRACEBACK_CHARS,
     Dispatcher,
     HandlerRegistry,
     RetryPolicy,
+    error_text,
     failure_details,
     handler_name,
 )
@@ -208,15 +210,47 @@ async def test_failing_handler_parked_after_attempts() -> None:
     assert current_causation() is None
 
 
+def _raise_after(depth: int, message: str) -> None:
+    if depth == 0:
+        raise RuntimeError(message)
+    _raise_after(depth - 1, message)
+
+
 def test_long_traceback_keeps_innermost_frames() -> None:
     try:
-        raise RuntimeError("x" * 20_000 + " end")
+        _raise_deep_distinct(300)
     except RuntimeError as error:
-        details = failure_details(error)
+        text = failure_details(error)["traceback"]
 
-    assert details["traceback"].startswith("...\n")
-    assert details["traceback"].endswith(" end\n")
-    assert len(details["traceback"]) == MAX_TRACEBACK_CHARS + len("...\n")
+    assert text.startswith("...\n")
+    assert text.endswith("RuntimeError: bottom reached\n")
+    assert ", in _raise_deep_distinct" in text
+    assert len(text) <= MAX_TRACEBACK_CHARS + len("...\n")
+
+
+def _raise_deep_distinct(depth: int) -> None:
+    # Each level calls through a lambda, so that the traceback has no run of equal frames for
+    # Python to fold into one line.
+    if depth == 0:
+        raise RuntimeError("bottom reached")
+    (lambda: _raise_deep_distinct(depth - 1))()
+
+
+def test_huge_message_cut_in_reason_and_traceback() -> None:
+    try:
+        _raise_after(3, "x" * 5_000_000)
+    except RuntimeError as error:
+        reason = error_text(error)
+        text = failure_details(error)["traceback"]
+
+    assert (
+        reason == "x" * MAX_REASON_CHARS + f"... ({5_000_000 - MAX_REASON_CHARS} more characters)"
+    )
+    # The frames survive, and only the message is cut.
+    assert text.startswith("Traceback (most recent call last):\n")
+    assert text.count(", in _raise_after") == 4
+    assert text.endswith(" more characters)")
+    assert len(text) < MAX_TRACEBACK_CHARS
 
 
 def test_invalid_record_gets_no_traceback() -> None:

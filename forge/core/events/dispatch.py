@@ -427,9 +427,10 @@ def error_text(error: BaseException) -> str:
     the type's name, and lone surrogates in it are escaped.
     """
     try:
-        return _encodable(str(error) or repr(error))
+        text = _encodable(str(error) or repr(error))
     except Exception:
         return _unreadable(error)
+    return _shortened(text, MAX_REASON_CHARS)
 
 
 def error_repr(error: BaseException) -> str:
@@ -449,13 +450,22 @@ def _encodable(text: str) -> str:
     return text
 
 
+def _shortened(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
 def _unreadable(error: BaseException) -> str:
     return f"{type(error).__name__} (its message could not be read)"
 
 
+MAX_REASON_CHARS = 10_000
+"""Maximum length of a dead letter's reason, the exception's message. A longer one is cut."""
+
 MAX_TRACEBACK_CHARS = 8_000
-"""Maximum length of the traceback kept with a dead letter; longer ones keep their end, where
-the innermost frames are."""
+"""Approximate maximum length of the traceback kept with a dead letter. A longer one keeps the
+frames nearest to the error, and its message is cut to a quarter of `MAX_REASON_CHARS`."""
 
 
 def failure_details(error: BaseException) -> dict[str, str]:
@@ -465,10 +475,16 @@ def failure_details(error: BaseException) -> dict[str, str]:
     """
     if isinstance(error, EventValidationError):
         return {}
-    text = _encodable("".join(traceback.format_exception(error)))
-    if len(text) > MAX_TRACEBACK_CHARS:
-        text = "...\n" + text[-MAX_TRACEBACK_CHARS:]
-    return {"traceback": text}
+    lines = traceback.format_exception(error)
+    # The last lines give the exception's type and message, and a message can be megabytes
+    # long: it is shortened first, so that the innermost frames above it are kept.
+    message_lines = len(traceback.format_exception_only(error))
+    frames = _encodable("".join(lines[:-message_lines]))
+    message = _shortened(_encodable("".join(lines[-message_lines:])), MAX_REASON_CHARS // 4)
+    room = MAX_TRACEBACK_CHARS - len(message)
+    if len(frames) > room:
+        frames = "...\n" + frames[-room:]
+    return {"traceback": frames + message}
 
 
 _HEADER_FOR_FIELD = {"id": "event_id", "type": "event_type"}
