@@ -9,7 +9,7 @@ from uuid import uuid4
 
 import pytest
 
-from forge.core.events.dead_letters import DeadLetterStatus
+from forge.core.events.dead_letters import DECODE_STAGE, DeadLetterStatus
 from forge.exceptions import EventRejectedError
 from forge.models.events import Event, EventType
 from tests.helpers import BatchRecorder, Recorder, capsule_created, failing_handler
@@ -391,3 +391,27 @@ async def test_message_with_lone_surrogate_parked(backend: Any) -> None:
     assert handled == 1
     assert letter.reason == "title 'a\\ud800b' rejected"
     assert letter.extra["traceback"].endswith("RuntimeError: title 'a\\ud800b' rejected\n")
+
+
+async def test_nul_in_message_and_key_parked(backend: Any) -> None:
+    # PostgreSQL's text and jsonb cannot hold NUL, so its store writes it as \x00.
+    async def indexer(event: Event[Any]) -> None:
+        raise RuntimeError("shard\x00 3")
+
+    event = capsule_created()
+    await backend.append_raw(
+        event.topic, event.to_json(), key="k\x00", headers={"trace\x00": "t\x00"}
+    )
+    await backend.publisher.publish(capsule_created())
+    consumer = backend.make_consumer("search")
+    consumer.register_handler(EventType.CAPSULE_CREATED, indexer, name="indexer")
+    await consumer.start()
+    handled = await consumer.drain()
+
+    letters = await backend.dead_letters.list(group_id="search")
+    assert handled == 2
+    assert len(letters) == 2
+    keyed, failed = sorted(letters, key=lambda letter: letter.handler)
+    assert keyed.handler == DECODE_STAGE
+    assert keyed.key in ("k\x00", "k\\x00")
+    assert failed.reason in ("shard\x00 3", "shard\\x00 3")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import orjson
 
@@ -45,6 +45,32 @@ def _row_to_letter(row: Any) -> DeadLetter:
     )
 
 
+@overload
+def _storable(text: str) -> str: ...
+
+
+@overload
+def _storable(text: None) -> None: ...
+
+
+def _storable(text: str | None) -> str | None:
+    """Return `text` with NUL characters written as `\\x00`.
+
+    PostgreSQL's text and jsonb cannot hold NUL, which a record's key or headers, or a
+    handler's error message, may contain. A letter whose insert failed would leave its record
+    neither handled nor parked. The record's value is stored as bytes, unchanged.
+    """
+    if text is None or "\x00" not in text:
+        return text
+    return text.replace("\x00", "\\x00")
+
+
+def _storable_json(values: Mapping[str, str]) -> str:
+    return orjson.dumps(
+        {_storable(name): _storable(text) for name, text in values.items()}
+    ).decode()
+
+
 class PostgresDeadLetterStore:
     """`DeadLetterStore` on the `dead_letters` table."""
 
@@ -60,21 +86,21 @@ class PostgresDeadLetterStore:
             return
         rows = [
             (
-                letter.group_id,
-                letter.topic,
+                _storable(letter.group_id),
+                _storable(letter.topic),
                 letter.partition,
                 letter.offset,
-                letter.key,
+                _storable(letter.key),
                 letter.value,
-                orjson.dumps(dict(letter.headers)).decode(),
-                letter.event_id,
-                letter.event_type,
-                letter.reason,
-                letter.error_type,
-                letter.handler,
+                _storable_json(letter.headers),
+                _storable(letter.event_id),
+                _storable(letter.event_type),
+                _storable(letter.reason),
+                _storable(letter.error_type),
+                _storable(letter.handler),
                 letter.attempts,
                 DeadLetterStatus.PARKED.value,
-                orjson.dumps(dict(letter.extra)).decode(),
+                _storable_json(letter.extra),
             )
             for letter in letters
         ]
@@ -181,9 +207,9 @@ class PostgresDeadLetterStore:
             "attempts = attempts + $4, updated_at = now(), claimed_until = NULL, "
             "extra = $5::jsonb WHERE id = $6",
             DeadLetterStatus.PARKED.value,
-            reason,
-            error_type,
+            _storable(reason),
+            _storable(error_type),
             attempts,
-            orjson.dumps(dict(extra or {})).decode(),
+            _storable_json(extra or {}),
             letter_id,
         )
