@@ -8,6 +8,7 @@ from __future__ import annotations
 from enum import Enum
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,9 @@ class StoreBackend(str, Enum):
 
     SQLITE = "sqlite"
     POSTGRES = "postgres"
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def default_data_dir() -> Path:
@@ -119,6 +123,38 @@ class ForgeSettings(BaseSettings):
     # Logging
     log_level: str = "INFO"
     log_json: bool = False
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _check_data_dir(cls, value: Any) -> Any:
+        # An empty FORGE_DATA_DIR would put the SQLite file in whatever folder a command runs in.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(
+                "FORGE_DATA_DIR is empty; set it to a folder, or unset it for the default "
+                f"{default_data_dir()}"
+            )
+        return value
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _check_bootstrap_servers(cls, value: str) -> str:
+        for address in value.split(","):
+            host, _, port = address.strip().rpartition(":")
+            if not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(
+                    f"invalid FORGE_KAFKA_BOOTSTRAP_SERVERS {value!r}: {address.strip()!r} is not "
+                    "host:port with a port from 1 to 65535; use a comma-separated list such as "
+                    "127.0.0.1:9092"
+                )
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"invalid FORGE_LOG_LEVEL {value!r}; use {', '.join(LOG_LEVELS)}")
+        return level
 
     @field_validator("sqlite_synchronous")
     @classmethod
