@@ -15,7 +15,7 @@ from uuid import UUID
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from forge.config import ForgeSettings
 from forge.core.audit.store import AuditQuery
@@ -29,6 +29,7 @@ from forge.exceptions import (
     StorageUnavailableError,
 )
 from forge.logging import get_logger
+from forge.models.base import parse_utc_time
 from forge.models.capsule import Capsule, CapsuleCreate, CapsuleUpdate
 from forge.models.events import EventType
 from forge.runtime import Runtime
@@ -112,13 +113,20 @@ class DeadLetterBody(BaseModel):
         )
 
 
+LetterId = Annotated[int, Field(strict=True, ge=1, le=2**63 - 1)]
+"""A dead-letter id: a JSON integer, not a string or a boolean, that fits in 64 bits."""
+
+MAX_RETRY_IDS = 10_000
+"""Most ids in one retry request; retry more with `all` or several requests."""
+
+
 class RetryRequest(BaseModel):
     """Dead letters to send back: the listed `ids`, or every parked one with `all`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    ids: list[int] | None = Field(default=None, min_length=1)
-    all: bool = False
+    ids: list[LetterId] | None = Field(default=None, min_length=1, max_length=MAX_RETRY_IDS)
+    all: StrictBool = False
     group_id: str | None = None
 
     @model_validator(mode="after")
@@ -138,6 +146,13 @@ def runtime_of(request: Request) -> Runtime:
 
 
 # Module-level aliases: FastAPI resolves string annotations in the module's namespace.
+TimeParameter = Annotated[
+    str | None,
+    Query(
+        description="ISO 8601 time with a timezone, such as 2026-01-31T12:00:00Z",
+        examples=["2026-01-31T12:00:00Z"],
+    ),
+]
 RuntimeDep = Annotated[Runtime, Depends(runtime_of)]
 ActorHeader = Annotated[
     UUID, Header(alias="X-Actor-Id", description="ID of the user making the change")
@@ -304,25 +319,21 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
         actor_id: UUID | None = None,
         event_type: EventType | None = None,
         correlation_id: UUID | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
+        since: TimeParameter = None,
+        until: TimeParameter = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
         cursor: str | None = None,
     ) -> AuditPageBody:
-        for name, moment in (("since", since), ("until", until)):
-            if moment is not None and moment.tzinfo is None:
-                raise EventValidationError(
-                    f"Invalid {name}={moment.isoformat()}: the time has no timezone; add Z or "
-                    "an offset such as +00:00."
-                )
+        lower = parse_utc_time(since, "since") if since is not None else None
+        upper = parse_utc_time(until, "until") if until is not None else None
         try:
             query = AuditQuery(
                 resource_id=resource_id,
                 actor_id=actor_id,
                 event_type=event_type,
                 correlation_id=correlation_id,
-                since=since,
-                until=until,
+                since=lower,
+                until=upper,
                 limit=limit,
                 cursor=cursor,
             )
@@ -339,13 +350,10 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
 
     @app.get("/replay/capsules/{capsule_id}")
     async def replay_capsule(
-        capsule_id: UUID, runtime: RuntimeDep, at: datetime | None = None
+        capsule_id: UUID, runtime: RuntimeDep, at: TimeParameter = None
     ) -> ReplayBody:
-        if at is not None and at.tzinfo is None:
-            raise EventValidationError(
-                f"Invalid at={at.isoformat()}: the time has no timezone; add Z or +00:00."
-            )
-        result = await runtime.replayer.replay(capsule_id, at=at)
+        moment = parse_utc_time(at, "at") if at is not None else None
+        result = await runtime.replayer.replay(capsule_id, at=moment)
         return ReplayBody(
             capsule_id=result.capsule_id,
             at=result.at,

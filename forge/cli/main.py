@@ -30,8 +30,14 @@ from forge.config import EventBackend, ForgeSettings
 from forge.core.audit.store import AuditPage, AuditQuery
 from forge.core.events.dead_letters import DeadLetterStatus
 from forge.core.events.ports import LogRecord
-from forge.exceptions import ConfigurationError, ConsumerGroupError, ForgeError
+from forge.exceptions import (
+    ConfigurationError,
+    ConsumerGroupError,
+    EventValidationError,
+    ForgeError,
+)
 from forge.logging import configure_logging
+from forge.models.base import parse_utc_time
 from forge.models.capsule import Capsule, CapsuleCreate, CapsuleUpdate
 from forge.models.events import (
     CapsuleCreatedEvent,
@@ -99,17 +105,9 @@ def _parse_time(value: str | None, option: str) -> datetime | None:
     if value is None:
         return None
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError as error:
-        raise typer.BadParameter(
-            f"invalid time {value!r}; use ISO 8601 such as 2026-01-31T12:00:00Z", param_hint=option
-        ) from error
-    if moment.tzinfo is None:
-        raise typer.BadParameter(
-            f"the time {value!r} has no timezone; add Z or an offset such as +00:00",
-            param_hint=option,
-        )
-    return moment
+        return parse_utc_time(value, option)
+    except EventValidationError as error:
+        raise typer.BadParameter(error.problems[0].problem, param_hint=option) from error
 
 
 def _print_json(value: Any) -> None:

@@ -19,6 +19,8 @@ from pydantic import (
     PlainValidator,
 )
 
+from forge.exceptions import EventValidationError, FieldProblem
+
 
 class ForgeBaseModel(BaseModel):
     """Base of Forge's models.
@@ -255,6 +257,31 @@ FrozenJsonValue = Annotated[
     PlainSerializer(thaw),
 ]
 """Any JSON value; objects and arrays in it cannot be changed after validation."""
+
+
+def parse_utc_time(text: str, name: str) -> datetime:
+    """Parse an ISO 8601 time with a timezone, such as a query's bound, and convert it to UTC.
+
+    Raises:
+        EventValidationError: `text` is not ISO 8601, has no timezone, or is outside the years
+            1 to 9999 once in UTC. The message names `name`, the value and the fix.
+    """
+    problem: str | None = None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        problem = "not an ISO 8601 time; use one such as 2026-01-31T12:00:00Z"
+    else:
+        if moment.tzinfo is None:
+            problem = "the time has no timezone; add Z or an offset such as +00:00"
+        else:
+            try:
+                return moment.astimezone(UTC)
+            except OverflowError:
+                problem = "outside the years 1 to 9999 once converted to UTC"
+    raise EventValidationError(
+        f"Invalid {name}={text!r}: {problem}.", [FieldProblem(name, text, problem)]
+    )
 
 
 def utc_now() -> datetime:

@@ -415,3 +415,12 @@ async def test_nul_in_message_and_key_parked(backend: Any) -> None:
     assert keyed.handler == DECODE_STAGE
     assert keyed.key in ("k\x00", "k\\x00")
     assert failed.reason in ("shard\x00 3", "shard\\x00 3")
+
+
+async def test_retry_ids_beyond_64_bits_ignored(backend: Any) -> None:
+    await park_one(backend, RuntimeError("read-only"))
+    [letter] = await backend.dead_letters.list(group_id="search")
+
+    requested = await backend.dead_letters.request_retry([2**70, letter.id, -(2**64)])
+
+    assert requested == 1

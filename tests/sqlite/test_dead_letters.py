@@ -74,6 +74,18 @@ async def test_parked_again_after_retry_replaces_extra(tmp_path: Path) -> None:
     assert replaced.attempts == 4
 
 
+async def test_retry_of_many_ids_in_one_call(tmp_path: Path) -> None:
+    # More ids than SQLite takes as parameters of one statement.
+    async with SqliteDatabase(tmp_path / "forge.db") as database:
+        store = SqliteDeadLetterStore(database)
+        await store.park([letter(0), letter(1)])
+        first, _ = await store.list()
+
+        requested = await store.request_retry([*range(10**6, 10**6 + 300_000), first.id])  # type: ignore[list-item]
+
+    assert requested == 1
+
+
 async def test_file_of_schema_2_opened(tmp_path: Path) -> None:
     # A file written before dead letters had `extra`: its letters still list, with none.
     path = tmp_path / "forge.db"

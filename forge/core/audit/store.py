@@ -65,7 +65,11 @@ def decode_cursor(cursor: str) -> tuple[int, int]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         occurred, seq = base64.urlsafe_b64decode(padded.encode()).decode().split(":")
-        return int(occurred), int(seq)
+        position = int(occurred), int(seq)
+        # Both stores keep them as 64-bit integers, and a larger one fails in the driver.
+        if not all(-(2**63) <= part < 2**63 for part in position):
+            raise ValueError("cursor out of range")
+        return position
     except (ValueError, UnicodeDecodeError) as error:
         raise EventValidationError(
             f"Invalid audit cursor {cursor!r}; pass the next_cursor of a previous page.",

@@ -61,6 +61,15 @@ class DeadLetter:
                 )
 
 
+LETTER_ID_RANGE = range(-(2**63), 2**63)
+"""Ids the stores can hold: 64-bit signed integers. An id outside it names no letter."""
+
+
+def storable_ids(ids: Sequence[int]) -> list[int]:
+    """Return the ids of `ids` within `LETTER_ID_RANGE`; the others name no letter."""
+    return [letter_id for letter_id in ids if letter_id in LETTER_ID_RANGE]
+
+
 @runtime_checkable
 class DeadLetterStore(Protocol):
     """Keeps dead letters durably; one record per (group, topic, partition, offset, handler)."""

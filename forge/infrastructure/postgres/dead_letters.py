@@ -14,7 +14,7 @@ from typing import Any, overload
 
 import orjson
 
-from forge.core.events.dead_letters import DeadLetter, DeadLetterStatus
+from forge.core.events.dead_letters import DeadLetter, DeadLetterStatus, storable_ids
 from forge.infrastructure.postgres.database import PostgresDatabase, status_count
 
 _COLUMNS = (
@@ -136,7 +136,8 @@ class PostgresDeadLetterStore:
             parameters.append(DeadLetterStatus(status).value)
             conditions.append(f"status = ${len(parameters)}")
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-        parameters.append(limit)
+        # PostgreSQL's LIMIT takes 64 bits, and a larger limit means no limit.
+        parameters.append(min(limit, 2**63 - 1))
         rows = await self._database.fetch(
             f"SELECT {_COLUMNS} FROM dead_letters {where} ORDER BY id LIMIT ${len(parameters)}",
             *parameters,
@@ -153,9 +154,10 @@ class PostgresDeadLetterStore:
             DeadLetterStatus.PARKED.value,
         ]
         if ids is not None:
+            ids = storable_ids(ids)
             if not ids:
                 return 0
-            parameters.append(list(ids))
+            parameters.append(ids)
             conditions.append(f"id = ANY(${len(parameters)}::bigint[])")
         if group_id is not None:
             parameters.append(group_id)

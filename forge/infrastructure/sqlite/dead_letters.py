@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from forge.core.events.dead_letters import DeadLetter, DeadLetterStatus
+from forge.core.events.dead_letters import DeadLetter, DeadLetterStatus, storable_ids
 from forge.infrastructure.sqlite.database import SqliteDatabase
 
 _COLUMNS = (
@@ -129,7 +129,8 @@ class SqliteDeadLetterStore:
         sql = f"SELECT {_COLUMNS} FROM dead_letters {where} ORDER BY id LIMIT ?"
 
         def query(connection: sqlite3.Connection) -> builtins.list[DeadLetter]:
-            rows = connection.execute(sql, (*parameters, limit)).fetchall()
+            # SQLite's integers have 64 bits, and a larger limit means no limit.
+            rows = connection.execute(sql, (*parameters, min(limit, 2**63 - 1))).fetchall()
             return [_row_to_letter(row) for row in rows]
 
         return await self._database.read(query)
@@ -141,10 +142,13 @@ class SqliteDeadLetterStore:
         conditions = ["status = ?"]
         parameters: list[Any] = [DeadLetterStatus.PARKED.value]
         if ids is not None:
+            ids = storable_ids(ids)
             if not ids:
                 return 0
-            conditions.append(f"id IN ({','.join('?' * len(ids))})")
-            parameters.extend(ids)
+            # One JSON parameter, because SQLite limits a statement's parameters (250,000 in
+            # the SQLite 3.40.1 that Python uses here).
+            conditions.append("id IN (SELECT value FROM json_each(?))")
+            parameters.append(orjson.dumps(ids).decode())
         if group_id is not None:
             conditions.append("group_id = ?")
             parameters.append(group_id)
