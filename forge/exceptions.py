@@ -48,7 +48,8 @@ class FieldProblem:
     value: Any
     problem: str
 
-    def describe(self) -> str:
+    def shown_value(self) -> str:
+        """Return the value's `repr`, cut to 80 characters, for messages and error bodies."""
         try:
             value = repr(self.value)
         except RecursionError:
@@ -56,7 +57,10 @@ class FieldProblem:
             value = reprlib.repr(self.value)
         if len(value) > 80:
             value = value[:77] + "..."
-        return f"{self.location}={value}: {self.problem}"
+        return value
+
+    def describe(self) -> str:
+        return f"{self.location}={self.shown_value()}: {self.problem}"
 
 
 class EventValidationError(ForgeError, ValueError):

@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from forge.config import ForgeSettings
 from forge.core.audit.store import AuditQuery
@@ -24,6 +25,7 @@ from forge.core.events.dead_letters import DeadLetter, DeadLetterStatus
 from forge.exceptions import (
     ConflictError,
     EventValidationError,
+    FieldProblem,
     ForgeError,
     NotFoundError,
     StorageUnavailableError,
@@ -207,7 +209,7 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
         if status >= 500:
             logger.error("request_failed", path=request.url.path, error=str(error))
         problems = [
-            {"field": problem.location, "value": repr(problem.value), "problem": problem.problem}
+            {"field": problem.location, "value": problem.shown_value(), "problem": problem.problem}
             for problem in getattr(error, "problems", ())
         ]
         body = ErrorBody(error=type(error).__name__, message=str(error), problems=problems)
@@ -218,10 +220,21 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
         problems = []
         for detail in error.errors():
             location = ".".join(str(part) for part in detail.get("loc", ()))
-            shown = repr(detail.get("input"))
-            if len(shown) > 80:
-                shown = shown[:77] + "..."
-            problems.append({"field": location, "value": shown, "problem": detail.get("msg", "")})
+            problem = FieldProblem(location, detail.get("input"), detail.get("msg", ""))
+            if detail.get("type") == "json_invalid":
+                # pydantic gives the character position as the last part of the location.
+                position = detail["loc"][-1] if detail.get("loc") else "?"
+                reason = detail.get("ctx", {}).get("error", "invalid JSON")
+                problem = FieldProblem(
+                    "body", "", f"not valid JSON: {reason} at character {position}"
+                )
+            problems.append(
+                {
+                    "field": problem.location,
+                    "value": problem.shown_value(),
+                    "problem": problem.problem,
+                }
+            )
         listed = "; ".join(f"{p['field']}={p['value']}: {p['problem']}" for p in problems)
         body = ErrorBody(
             error="InvalidRequest",
@@ -231,6 +244,25 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
             problems=problems,
         )
         return JSONResponse(status_code=422, content=body.model_dump())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = str(error.detail)
+        if error.status_code == 400 and message == "There was an error parsing the body":
+            # FastAPI's words when the body cannot be decoded at all: not UTF-8, another
+            # charset, or JSON nested deeper than its parser's limit.
+            message = (
+                "The request body could not be parsed. Send a JSON object encoded as UTF-8, "
+                "with content-type: application/json."
+            )
+        body = ErrorBody(
+            error="InvalidRequest" if error.status_code < 500 else "ServerError",
+            message=message,
+            problems=[],
+        )
+        return JSONResponse(
+            status_code=error.status_code, content=body.model_dump(), headers=error.headers
+        )
 
     @app.middleware("http")
     async def correlation(
@@ -242,11 +274,17 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
         try:
             correlation_id = UUID(raw)
         except ValueError:
+            problem = FieldProblem(CORRELATION_HEADER, raw, "not a UUID")
             body = ErrorBody(
                 error="InvalidHeader",
-                message=f"Invalid {CORRELATION_HEADER} header {raw!r}; send a UUID or omit it.",
+                message=f"Invalid {CORRELATION_HEADER} header {problem.shown_value()}; send a "
+                "UUID or omit it.",
                 problems=[
-                    {"field": CORRELATION_HEADER, "value": repr(raw), "problem": "not a UUID"}
+                    {
+                        "field": problem.location,
+                        "value": problem.shown_value(),
+                        "problem": "not a UUID",
+                    }
                 ],
             )
             return JSONResponse(status_code=400, content=body.model_dump())

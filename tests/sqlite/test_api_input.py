@@ -96,3 +96,55 @@ async def test_time_with_offset_converted_to_utc(client: httpx.AsyncClient) -> N
 
     assert response.status_code == 200
     assert response.json()["entries"] == []
+
+
+async def test_truncated_json_names_position(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/capsules", content=b'{"owner_id":', headers={"content-type": "application/json"}
+    )
+
+    assert response.status_code == 422
+    [problem] = response.json()["problems"]
+    assert problem["field"] == "body"
+    assert problem["problem"].startswith("not valid JSON: ")
+    assert problem["problem"].endswith("at character 12")
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type"),
+    [
+        (b'{"title": "\xff"}', "application/json"),
+        ('{"title": "é"}'.encode("latin-1"), "application/json; charset=latin-1"),
+    ],
+    ids=["invalid-utf8", "latin-1"],
+)
+async def test_unparsable_body_gets_error_body(
+    client: httpx.AsyncClient, content: bytes, content_type: str
+) -> None:
+    response = await client.post(
+        "/capsules", content=content, headers={"content-type": content_type}
+    )
+
+    assert response.status_code == 400
+    assert response.json()["error"] == "InvalidRequest"
+    assert "Send a JSON object encoded as UTF-8" in response.json()["message"]
+
+
+async def test_unknown_path_gets_error_body(client: httpx.AsyncClient) -> None:
+    response = await client.get("/capsule")
+
+    assert response.status_code == 404
+    assert response.json() == {"error": "InvalidRequest", "message": "Not Found", "problems": []}
+
+
+async def test_long_values_cut_in_error_body(client: httpx.AsyncClient) -> None:
+    cursor = "c" * 5_000
+
+    response = await client.get("/audit", params={"cursor": cursor})
+    bad_header = await client.get("/capsules", headers={"X-Correlation-ID": "x" * 8_000})
+
+    assert response.status_code == 422
+    assert response.json()["problems"][0]["value"] == repr(cursor)[:77] + "..."
+    assert len(response.content) < 1_000
+    assert bad_header.status_code == 400
+    assert len(bad_header.content) < 1_000

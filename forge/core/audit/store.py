@@ -71,9 +71,11 @@ def decode_cursor(cursor: str) -> tuple[int, int]:
             raise ValueError("cursor out of range")
         return position
     except (ValueError, UnicodeDecodeError) as error:
+        problem = FieldProblem("cursor", cursor, "not a cursor returned by a query")
         raise EventValidationError(
-            f"Invalid audit cursor {cursor!r}; pass the next_cursor of a previous page.",
-            [FieldProblem("cursor", cursor, "not a cursor returned by a query")],
+            f"Invalid audit cursor {problem.shown_value()}; pass the next_cursor of a previous "
+            "page.",
+            [problem],
         ) from error
 
 
