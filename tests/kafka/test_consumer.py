@@ -467,3 +467,21 @@ async def test_invalid_event_time_header_ignored(
     assert handled == 12
     assert set(recorder.ids) == {event.id for event in [*odd, *plain]}
     assert consumer.parked_count == 0
+
+
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+async def test_compressed_records_handled(
+    settings: ForgeSettings, group_id: str, consumers: list[KafkaEventConsumer], codec: str
+) -> None:
+    # Any producer may compress its batches; aiokafka reads all but gzip with cramjam.
+    consumer = await new_consumer(consumers, settings, group_id, [EventType.CAPSULE_CREATED])
+    recorder = Recorder()
+    consumer.register_handler(EventType.CAPSULE_CREATED, recorder)
+    await consumer.start()
+    events = [capsule_created() for _ in range(20)]
+
+    async with KafkaEventProducer(settings=settings, compression_type=codec) as producer:
+        await producer.publish_batch(events)
+    await consumer.drain(timeout=30)
+
+    assert set(recorder.ids) == {event.id for event in events}

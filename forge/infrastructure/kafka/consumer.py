@@ -42,6 +42,7 @@ from aiokafka.errors import (
     KafkaError,
     MessageSizeTooLargeError,
     RecordListTooLargeError,
+    UnsupportedCodecError,
 )
 
 from forge.config import ForgeSettings
@@ -855,6 +856,12 @@ class KafkaEventConsumer(HandlerRegistrations):
         if is_retriable(error):
             return BrokerUnavailableError(
                 f"{action} for consumer group {self._group_id!r} failed: {describe(error)}."
+            )
+        if isinstance(error, UnsupportedCodecError):
+            return ConsumerGroupError(
+                f"{action} for consumer group {self._group_id!r} failed: {describe(error)}. "
+                "Install cramjam (pip install 'aiokafka[snappy,lz4,zstd]'), which Forge's "
+                "dependencies include."
             )
         return ConsumerGroupError(
             f"{action} for consumer group {self._group_id!r} failed: {describe(error)}. Check "

@@ -153,8 +153,7 @@ class KafkaEventProducer:
         Args:
             bootstrap_servers: overrides `settings.kafka_bootstrap_servers`.
             compression_type: None, "gzip", "snappy", "lz4" or "zstd". Compression costs CPU
-                and pays off for large or repetitive events; the last three need their
-                Python package installed.
+                and pays off for large or repetitive events.
             request_timeout_ms: maximum wait for an acknowledgement before a publish fails.
             check_topics_on_start: check at `start()` that every event topic and the
                 dead-letter topic exist, so that a missing topic is reported at once.
