@@ -64,6 +64,15 @@ class Worker:
                 await consumer.stop()
                 if run.done() and not run.cancelled() and run.exception() is not None:
                     raise run.exception()  # type: ignore[misc]
+                if run.done() and not self._stopping.is_set():
+                    # Restarted at once, such a loop would spin: a handler that raises
+                    # CancelledError for one event cancels every run.
+                    raise RuntimeError(
+                        "the consumer loop was cancelled, for example by a handler that raised "
+                        "asyncio.CancelledError"
+                        if run.cancelled()
+                        else "the consumer loop ended before stop() was called"
+                    )
             except Exception as error:
                 self.last_error = f"{type(error).__name__}: {error}"
                 logger.error(
