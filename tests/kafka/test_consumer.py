@@ -485,3 +485,36 @@ async def test_compressed_records_handled(
     await consumer.drain(timeout=30)
 
     assert set(recorder.ids) == {event.id for event in events}
+
+
+async def test_aborted_transaction_not_handled(
+    settings: ForgeSettings, group_id: str, consumers: list[KafkaEventConsumer]
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    consumer = await new_consumer(consumers, settings, group_id, [EventType.CAPSULE_CREATED])
+    recorder = Recorder()
+    consumer.register_handler(EventType.CAPSULE_CREATED, recorder)
+    await consumer.start()
+    aborted, committed = capsule_created(), capsule_created()
+
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers,
+        transactional_id=f"test-{uuid4()}",
+    )
+    await producer.start()
+    try:
+        for event, commit in ((aborted, False), (committed, True)):
+            await producer.begin_transaction()
+            await producer.send_and_wait(
+                CAPSULE_CREATED, event.to_json(), key=event.key.encode() if event.key else None
+            )
+            if commit:
+                await producer.commit_transaction()
+            else:
+                await producer.abort_transaction()
+    finally:
+        await producer.stop()
+    await consumer.drain(timeout=30)
+
+    assert recorder.ids == [committed.id]

@@ -279,3 +279,31 @@ async def test_unreadable_exception_still_parked() -> None:
         assert letter.reason == "_UnreadableError (its message could not be read)"
         assert letter.error_type == "_UnreadableError"
         assert letter.extra["traceback"].endswith("_UnreadableError: <exception str() failed>\n")
+
+
+class _AsyncCallable:
+    async def __call__(self, event: Event[Any]) -> None:
+        return None
+
+
+def _sync_handler(event: Event[Any]) -> None:
+    return None
+
+
+def test_sync_handler_rejected_at_registration() -> None:
+    registry = HandlerRegistry()
+
+    with pytest.raises(TypeError, match="Handler 'tally' is not an async function"):
+        registry.add(EventType.VOTE_CAST, _sync_handler, name="tally")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Define it with `async def`"):
+        registry.add_batch([EventType.VOTE_CAST], lambda events: None, name="projector")  # type: ignore[arg-type,return-value]
+
+    assert registry.event_types == set()
+
+
+def test_async_callable_object_accepted() -> None:
+    registry = HandlerRegistry()
+
+    registry.add(EventType.VOTE_CAST, _AsyncCallable(), name="tally")
+
+    assert registry.event_types == {EventType.VOTE_CAST}

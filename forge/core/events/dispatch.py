@@ -8,6 +8,7 @@ commits its position only after that, so no event is skipped without a trace.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -81,6 +82,26 @@ def handler_name(function: Any) -> str:
     return f"{module}.{qualname}"
 
 
+def _require_async(function: Any, name: str) -> None:
+    """Raise `TypeError` unless `function` is an async function or has an async `__call__`.
+
+    A synchronous handler would run to its end, and only then fail to be awaited, so its
+    side effects would happen once per attempt before the event is parked.
+    """
+    if inspect.iscoroutinefunction(function):
+        return
+    if (
+        callable(function)
+        and not inspect.isroutine(function)
+        and inspect.iscoroutinefunction(type(function).__call__)
+    ):
+        return
+    raise TypeError(
+        f"Handler {name!r} is not an async function. Define it with `async def`, or wrap a "
+        "synchronous function: async def handler(event): work(event)."
+    )
+
+
 class HandlerRegistry:
     """Handlers of one consumer, per event type, in registration order."""
 
@@ -110,6 +131,7 @@ class HandlerRegistry:
         self._batch.append((types, registered))
 
     def _register(self, handler: RegisteredHandler) -> RegisteredHandler:
+        _require_async(handler.function, handler.name)
         existing = self._by_name.get(handler.name)
         if existing is not None and existing.function is not handler.function:
             raise ValueError(

@@ -459,6 +459,9 @@ class KafkaEventConsumer(HandlerRegistrations):
             rebalance_timeout_ms=session_ms + int(settings.consumer_stop_timeout_seconds * 1000),
             max_poll_interval_ms=MAX_POLL_INTERVAL_MS,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            # Records of a transaction that its producer aborted were never published; the
+            # default, read_uncommitted, hands them over too.
+            isolation_level="read_committed",
             # aiokafka 0.14's documentation warns that a consumer can get stuck on a record
             # larger than this.
             max_partition_fetch_bytes=max(
