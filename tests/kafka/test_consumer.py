@@ -10,6 +10,7 @@ from uuid import UUID, uuid4
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 from structlog.testing import capture_logs
 
 from forge.config import ForgeSettings
@@ -490,8 +491,6 @@ async def test_compressed_records_handled(
 async def test_aborted_transaction_not_handled(
     settings: ForgeSettings, group_id: str, consumers: list[KafkaEventConsumer]
 ) -> None:
-    from aiokafka import AIOKafkaProducer
-
     consumer = await new_consumer(consumers, settings, group_id, [EventType.CAPSULE_CREATED])
     recorder = Recorder()
     consumer.register_handler(EventType.CAPSULE_CREATED, recorder)
@@ -518,3 +517,45 @@ async def test_aborted_transaction_not_handled(
     await consumer.drain(timeout=30)
 
     assert recorder.ids == [committed.id]
+
+
+@pytest.mark.parametrize("part", ["key", "headers"])
+async def test_dead_letter_too_large_for_topic_cut(
+    settings: ForgeSettings,
+    group_id: str,
+    producer: KafkaEventProducer,
+    consumers: list[KafkaEventConsumer],
+    part: str,
+) -> None:
+    # A record just under the broker's limit no longer fits once the reason headers are added.
+    consumer = await new_consumer(consumers, settings, group_id, [EventType.CAPSULE_CREATED])
+    recorder = Recorder()
+    consumer.register_handler(EventType.CAPSULE_CREATED, recorder)
+    await consumer.start()
+    key, headers = b"k", [(f"h{index:04}", b"v" * 1_000) for index in range(1_030)]
+    if part == "key":
+        key, headers = b"k" * 1_040_000, []
+    raw = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap_servers, max_request_size=2_000_000
+    )
+    await raw.start()
+    try:
+        await raw.send_and_wait(CAPSULE_CREATED, b"not json", key=key, headers=headers)
+    finally:
+        await raw.stop()
+    later = [capsule_created() for _ in range(3)]
+    await producer.publish_batch(later)
+
+    handled = await consumer.drain(timeout=60)
+
+    assert handled == 4
+    assert sorted(recorder.ids) == sorted(event.id for event in later)
+    [letter] = await dead_letters_of(settings, group_id)
+    assert letter.value == b"not json"
+    if part == "key":
+        assert letter.headers["dlq_key_truncated"] == "1040000"
+        assert letter.key == "k" * 1024
+    else:
+        assert letter.headers["dlq_headers_dropped"] == "1030"
+        assert "h0000" not in letter.headers
+    assert "not valid JSON" in letter.headers["dlq_reason"]

@@ -106,6 +106,8 @@ _RETRY_CHECK_INTERVAL_SECONDS = 1.0
 _FETCH_OVERHEAD_BYTES = 64 * 1024
 _DEAD_LETTER_REASON_CHARS = 2000
 _TRUNCATED_VALUE_BYTES = 64 * 1024
+_TRUNCATED_KEY_BYTES = 1024
+_TRUNCATED_HEADERS_BYTES = 64 * 1024
 
 # Headers added to a record in the dead-letter topic, beside the original record's headers.
 HEADER_DLQ_REASON = "dlq_reason"
@@ -119,6 +121,10 @@ HEADER_DLQ_OFFSET = "dlq_original_offset"
 HEADER_DLQ_PARKED_AT = "dlq_parked_at"
 HEADER_DLQ_VALUE_TRUNCATED = "dlq_value_truncated"
 """Present, with the original size in bytes, when the value was cut to fit the topic."""
+HEADER_DLQ_KEY_TRUNCATED = "dlq_key_truncated"
+"""Present, with the original size in bytes, when the key was cut to fit the topic."""
+HEADER_DLQ_HEADERS_DROPPED = "dlq_headers_dropped"
+"""Present, with their count, when the original headers were left out to fit the topic."""
 
 _DLQ_PREFIX = "dlq_"
 
@@ -943,9 +949,22 @@ def _dead_letter_record(
 def _truncated(
     record: tuple[str, bytes | None, bytes, KafkaHeaders],
 ) -> tuple[str, bytes | None, bytes, KafkaHeaders]:
+    """Return the dead-letter record cut to fit the topic: value, key and original headers.
+
+    Each part that is cut gets a header with its original size, or count for the headers.
+    The reason headers are kept, and the store keeps the whole record.
+    """
     topic, key, value, headers = record
-    headers = [*headers, (HEADER_DLQ_VALUE_TRUNCATED, str(len(value)).encode())]
-    return (topic, key, value[:_TRUNCATED_VALUE_BYTES], headers)
+    added = [(HEADER_DLQ_VALUE_TRUNCATED, str(len(value)).encode())]
+    if key is not None and len(key) > _TRUNCATED_KEY_BYTES:
+        added.append((HEADER_DLQ_KEY_TRUNCATED, str(len(key)).encode()))
+        key = key[:_TRUNCATED_KEY_BYTES]
+    reasons = [(name, data) for name, data in headers if name.startswith(_DLQ_PREFIX)]
+    original = [(name, data) for name, data in headers if not name.startswith(_DLQ_PREFIX)]
+    if sum(len(name) + len(data) for name, data in original) > _TRUNCATED_HEADERS_BYTES:
+        added.append((HEADER_DLQ_HEADERS_DROPPED, str(len(original)).encode()))
+        original = []
+    return (topic, key, value[:_TRUNCATED_VALUE_BYTES], [*original, *reasons, *added])
 
 
 async def _caught_up(
@@ -996,8 +1015,10 @@ async def _close_within(closing: Any, seconds: float, what: str, group_id: str) 
 __all__ = [
     "HEADER_DLQ_ATTEMPTS",
     "HEADER_DLQ_ERROR_TYPE",
+    "HEADER_DLQ_HEADERS_DROPPED",
     "HEADER_DLQ_GROUP_ID",
     "HEADER_DLQ_HANDLER",
+    "HEADER_DLQ_KEY_TRUNCATED",
     "HEADER_DLQ_OFFSET",
     "HEADER_DLQ_PARKED_AT",
     "HEADER_DLQ_PARTITION",
