@@ -140,6 +140,37 @@ async def test_drain_ends_when_stopped(backend: Any) -> None:
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        "value = CAST(value AS TEXT)",
+        "value = 42",
+        "appended_at = 'yesterday'",
+        "appended_at = 20260101",
+        "headers = 'not json'",
+        "key = 7",
+    ],
+)
+async def test_row_changed_by_other_program_handled_or_parked(backend: Any, change: str) -> None:
+    # Rows that Forge did not write this way must not stop the group.
+    first, second = vote_cast(), vote_cast()
+    await backend.publisher.publish(first)
+    await backend.publisher.publish(second)
+    with raw_connection(backend) as db:
+        db.execute(f"UPDATE event_log SET {change} WHERE seq = (SELECT min(seq) FROM event_log)")
+    recorder = Recorder()
+    consumer = backend.make_consumer("tally")
+    consumer.register_handler(EventType.VOTE_CAST, recorder)
+    await consumer.start()
+
+    handled = await consumer.drain()
+
+    assert handled == 2
+    assert second.id in recorder.ids
+    parked = await backend.dead_letters.list(group_id="tally")
+    assert len(recorder.ids) + len(parked) == 2
+
+
 async def test_position_committed_per_topic(backend: Any) -> None:
     await backend.publisher.publish_batch([vote_cast(), vote_cast(), capsule_created()])
     consumer = backend.make_consumer("tally")

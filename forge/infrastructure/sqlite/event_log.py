@@ -100,24 +100,44 @@ def row_to_record(
         # converted with str().
         if not _STRINGS_ONLY.issuperset(map(type, parsed_headers.values())):
             parsed_headers = {str(k): str(v) for k, v in parsed_headers.items()}
-    except (orjson.JSONDecodeError, AttributeError):
+    except (orjson.JSONDecodeError, AttributeError, TypeError):
         # Headers are only a routing aid. A record with broken headers is still decoded
         # from its value, and parked from there if that is broken too.
         parsed_headers = {}
     timestamp = times.get(appended_at) if times is not None else None
     if timestamp is None:
-        timestamp = datetime.fromisoformat(appended_at)
-        if times is not None:
+        timestamp = _append_time(appended_at)
+        if times is not None and timestamp is not None:
             times[appended_at] = timestamp
     return LogRecord(
         topic=topic,
         partition=PARTITION,
         offset=offset,
-        key=key,
-        value=bytes(value) if not isinstance(value, bytes) else value,
+        key=key if key is None or isinstance(key, str) else str(key),
+        value=value if isinstance(value, bytes) else _as_bytes(value),
         headers=parsed_headers,
         timestamp=timestamp,
     )
+
+
+def _append_time(text: Any) -> datetime | None:
+    """Return a row's append time, or None when the column holds no ISO 8601 time."""
+    try:
+        return datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _as_bytes(value: Any) -> bytes:
+    """Return a row's value as bytes: Forge writes bytes, but a row written by other code may
+    hold text, a number or NULL, and the decoder parks such a record instead of failing."""
+    if value is None:
+        return b""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    return str(value).encode()
 
 
 def rows_to_records(rows: Sequence[sqlite3.Row | tuple[Any, ...]]) -> list[LogRecord]:
