@@ -18,6 +18,7 @@ from forge.core.events.dispatch import (
     Dispatcher,
     HandlerRegistry,
     RetryPolicy,
+    check_group_id,
     error_text,
     failure_details,
     handler_name,
@@ -307,3 +308,13 @@ def test_async_callable_object_accepted() -> None:
     registry.add(EventType.VOTE_CAST, _AsyncCallable(), name="tally")
 
     assert registry.event_types == {EventType.VOTE_CAST}
+
+
+@pytest.mark.parametrize("group_id", ["", "a\x00b", "a\ud800b"], ids=["empty", "nul", "surrogate"])
+def test_unstorable_group_id_rejected(group_id: str) -> None:
+    with pytest.raises(ValueError, match="group_id must not be empty|Invalid consumer group id"):
+        check_group_id(group_id)
+
+
+def test_group_id_with_spaces_accepted() -> None:
+    check_group_id("search index (blue)")

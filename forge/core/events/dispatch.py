@@ -163,6 +163,29 @@ class HandlerRegistry:
         return self._by_name.get(name)
 
 
+def check_group_id(group_id: str) -> None:
+    """Raise `ValueError` unless `group_id` can name a consumer group in every store.
+
+    Positions and dead letters are stored by group, and neither PostgreSQL nor UTF-8 can
+    hold a NUL character or a lone surrogate.
+    """
+    if not group_id:
+        raise ValueError("group_id must not be empty")
+    if "\x00" in group_id or not _encodes(group_id):
+        raise ValueError(
+            f"Invalid consumer group id {group_id!r}: it contains a NUL character or a lone "
+            "surrogate, which the stores cannot hold. Use printable text."
+        )
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class HandlerRegistrations:
     """Handler registration shared by the consumers of every backend."""
 

@@ -53,6 +53,7 @@ from forge.core.events.dispatch import (
     HandlerRegistrations,
     HandlerRegistry,
     RetryPolicy,
+    check_group_id,
 )
 from forge.core.events.ports import LogRecord
 from forge.exceptions import (
@@ -163,8 +164,7 @@ class KafkaEventConsumer(HandlerRegistrations):
             retry_policy: defaults to the `consumer_*` retry settings.
             bootstrap_servers: overrides `settings.kafka_bootstrap_servers`.
         """
-        if not group_id:
-            raise ValueError("group_id must not be empty")
+        check_group_id(group_id)
         settings = settings or ForgeSettings()
         if bootstrap_servers and bootstrap_servers != settings.kafka_bootstrap_servers:
             settings = settings.model_copy(update={"kafka_bootstrap_servers": bootstrap_servers})

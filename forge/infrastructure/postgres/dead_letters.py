@@ -130,7 +130,7 @@ class PostgresDeadLetterStore:
         conditions: list[str] = []
         parameters: list[Any] = []
         if group_id is not None:
-            parameters.append(group_id)
+            parameters.append(_storable(group_id))
             conditions.append(f"group_id = ${len(parameters)}")
         if status is not None:
             parameters.append(DeadLetterStatus(status).value)
@@ -160,7 +160,7 @@ class PostgresDeadLetterStore:
             parameters.append(ids)
             conditions.append(f"id = ANY(${len(parameters)}::bigint[])")
         if group_id is not None:
-            parameters.append(group_id)
+            parameters.append(_storable(group_id))
             conditions.append(f"group_id = ${len(parameters)}")
         status = await self._database.execute(
             "UPDATE dead_letters SET status = $1, updated_at = now(), claimed_until = NULL "
@@ -180,7 +180,7 @@ class PostgresDeadLetterStore:
             "WHERE id IN (SELECT id FROM dead_letters WHERE group_id = $1 AND status = $2 "
             "AND (claimed_until IS NULL OR claimed_until < now()) ORDER BY id LIMIT $4 "
             f"FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
-            group_id,
+            _storable(group_id),
             DeadLetterStatus.RETRY_REQUESTED.value,
             self._claim_seconds,
             limit,

@@ -29,6 +29,7 @@ from forge.core.events.dispatch import (
     HandlerRegistrations,
     HandlerRegistry,
     RetryPolicy,
+    check_group_id,
 )
 from forge.core.events.ports import LogRecord
 from forge.exceptions import ConsumerGroupError, ForgeError, NotStartedError
@@ -55,8 +56,7 @@ class SqliteEventConsumer(HandlerRegistrations):
         dead_letters: DeadLetterStore | None = None,
         retry_policy: RetryPolicy | None = None,
     ) -> None:
-        if not group_id:
-            raise ValueError("group_id must not be empty")
+        check_group_id(group_id)
         settings = settings or ForgeSettings()
         self._database = database
         self._group_id = group_id
