@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -559,3 +561,72 @@ async def test_dead_letter_too_large_for_topic_cut(
         assert letter.headers["dlq_headers_dropped"] == "1030"
         assert "h0000" not in letter.headers
     assert "not valid JSON" in letter.headers["dlq_reason"]
+
+
+_BAD_HEADER_PRODUCER = """
+import asyncio, sys
+from aiokafka import AIOKafkaProducer
+
+class NotUtf8(str):
+    def encode(self, *args, **kwargs):
+        return b"\\xff\\xfename"
+
+async def main():
+    producer = AIOKafkaProducer(bootstrap_servers=sys.argv[1])
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            sys.argv[2], sys.argv[3].encode(), key=sys.argv[4].encode(),
+            headers=[(NotUtf8("x"), b"v")],
+        )
+    finally:
+        await producer.stop()
+
+asyncio.run(main())
+"""
+
+
+async def test_unreadable_header_name_parked(
+    settings: ForgeSettings,
+    group_id: str,
+    producer: KafkaEventProducer,
+    consumers: list[KafkaEventConsumer],
+    letter_store: SqliteDeadLetterStore,
+) -> None:
+    # Kafka's Java client cannot write such a header name, but librdkafka can. aiokafka fails
+    # on it at every fetch, so it must be parked by position.
+    consumer = await new_consumer(
+        consumers, settings, group_id, [EventType.CAPSULE_CREATED], dead_letters=letter_store
+    )
+    recorder = Recorder()
+    consumer.register_handler(EventType.CAPSULE_CREATED, recorder)
+    await consumer.start()
+    key = uuid4()
+    before, bad, after = (capsule_created(key) for _ in range(3))
+    await producer.publish(before)
+    # aiokafka's C extension encodes header names itself; its Python code calls encode().
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _BAD_HEADER_PRODUCER,
+        settings.kafka_bootstrap_servers,
+        CAPSULE_CREATED,
+        bad.to_json().decode(),
+        str(key),
+        env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(writer.communicate(), 60)
+    assert writer.returncode == 0, stderr.decode()
+    await producer.publish(after)
+
+    handled = await consumer.drain(timeout=30)
+
+    assert handled == 3
+    assert recorder.ids == [before.id, after.id]
+    [letter] = await letter_store.list(group_id=group_id)
+    assert letter.error_type == "UnicodeDecodeError"
+    assert letter.reason.startswith("The Kafka client could not read record ")
+    assert letter.handler == DECODE_STAGE
+    [topic_letter] = await dead_letters_of(settings, group_id)
+    assert topic_letter.headers["dlq_original_offset"] == str(letter.offset)

@@ -47,7 +47,7 @@ from aiokafka.errors import (
 
 from forge.config import ForgeSettings
 from forge.core.events.codec import HEADER_EVENT_TIME
-from forge.core.events.dead_letters import DeadLetter, DeadLetterStore
+from forge.core.events.dead_letters import DECODE_STAGE, DeadLetter, DeadLetterStore
 from forge.core.events.dispatch import (
     Dispatcher,
     HandlerRegistrations,
@@ -323,6 +323,11 @@ class KafkaEventConsumer(HandlerRegistrations):
             )
         except KafkaError as error:
             raise self._translate(error, "Fetching records") from error
+        except Exception as error:
+            # aiokafka failed to read a record, for example one with a header name that is
+            # not UTF-8, and would fail on it again at every fetch.
+            await self._skip_unreadable(consumer, error)
+            return True
         if not batches:
             return worked
 
@@ -540,6 +545,71 @@ class KafkaEventConsumer(HandlerRegistrations):
             if still_owned:
                 consumer.resume(*still_owned)
         task.result()
+
+    async def _skip_unreadable(self, consumer: AIOKafkaConsumer, error: Exception) -> None:
+        """Handle the records before the one aiokafka could not read, then park that one.
+
+        The record's content cannot be read through aiokafka, so its letter names its topic,
+        partition and offset, for reading it with another client.
+
+        Raises:
+            ConsumerGroupError: the failing partition could not be found.
+        """
+        tp = _failing_partition(error)
+        if tp is None or tp not in consumer.assignment():
+            raise ConsumerGroupError(
+                f"Reading records for consumer group {self._group_id!r} failed: "
+                f"{describe(error)}. The record could not be found to park it; read the "
+                "group's partitions with another client to find it."
+            ) from error
+        # One record per fetch, so that the failure shows the offset of the unreadable one.
+        while True:
+            try:
+                fetched = await consumer.getmany(tp, timeout_ms=FETCH_TIMEOUT_MS, max_records=1)
+            except KafkaError as fetch_error:
+                raise self._translate(fetch_error, "Fetching records") from fetch_error
+            except Exception as record_error:
+                error = record_error
+                break
+            if not fetched.get(tp):
+                # Read this time: the failure did not come from one record.
+                return
+            await self._handle_keeping_membership(consumer, to_log_records(fetched[tp]), fetched)
+
+        offset = await consumer.position(tp)
+        letter = DeadLetter(
+            group_id=self._group_id,
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=offset,
+            key=None,
+            value=b"",
+            headers={},
+            reason=(
+                f"The Kafka client could not read record {offset} of {tp.topic} partition "
+                f"{tp.partition}, or a record before it in the same record batch: "
+                f"{describe(error)}. It was skipped; read it with another client, such as "
+                "kafka-console-consumer with --partition and --offset."
+            ),
+            error_type=type(error).__name__,
+            handler=DECODE_STAGE,
+            attempts=1,
+        )
+        logger.warning(
+            "event_parked",
+            group_id=self._group_id,
+            topic=tp.topic,
+            partition=tp.partition,
+            offset=offset,
+            handler=DECODE_STAGE,
+            reason=letter.reason,
+        )
+        await self._park([letter], {})
+        consumer.seek(tp, offset + 1)
+        self._uncommitted[tp] = offset + 1
+        self.handled_count += 1
+        self.parked_count += 1
+        await self._commit_in_background(consumer)
 
     async def _keep_membership(
         self, consumer: AIOKafkaConsumer, paused: list[TopicPartition]
@@ -910,6 +980,23 @@ def _event_time(record: LogRecord) -> int:
     if record.timestamp is not None:
         return int(record.timestamp.timestamp() * 1_000_000)
     return 0
+
+
+def _failing_partition(error: BaseException) -> TopicPartition | None:
+    """Return the partition whose records aiokafka was reading when `error` was raised.
+
+    NOTE: aiokafka does not name the partition in such errors. This reads the local variable
+    `tp` of the innermost frame that has one, which aiokafka 0.14's fetcher uses for the
+    partition it unpacks; with other versions it may return None.
+    """
+    found: TopicPartition | None = None
+    trace = error.__traceback__
+    while trace is not None:
+        candidate = trace.tb_frame.f_locals.get("tp")
+        if isinstance(candidate, TopicPartition):
+            found = candidate
+        trace = trace.tb_next
+    return found
 
 
 def _position(letter: DeadLetter) -> tuple[str, int, int]:
