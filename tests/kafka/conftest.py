@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -149,3 +150,50 @@ def broker_restored() -> Iterator[None]:
     yield
     if not broker_is_running():
         run_broker_script("start")
+
+
+_UNREADABLE_RECORD_WRITER = """
+import asyncio, sys
+from aiokafka import AIOKafkaProducer
+
+class NotUtf8(str):
+    def encode(self, *args, **kwargs):
+        return b"\\xff\\xfename"
+
+async def main():
+    producer = AIOKafkaProducer(bootstrap_servers=sys.argv[1])
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            sys.argv[2], sys.argv[3].encode(), key=sys.argv[4].encode(),
+            headers=[(NotUtf8("x"), b"v")],
+        )
+    finally:
+        await producer.stop()
+
+asyncio.run(main())
+"""
+
+
+async def write_unreadable_record(
+    settings: ForgeSettings, topic: str, value: bytes, key: str
+) -> None:
+    """Write a record whose header name is not UTF-8, which aiokafka cannot read back.
+
+    Kafka's Java client cannot write one, but librdkafka can. aiokafka's C extension encodes
+    header names itself, so the writer runs in a process with the extension off, where the
+    header name's own `encode()` is called.
+    """
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _UNREADABLE_RECORD_WRITER,
+        settings.kafka_bootstrap_servers,
+        topic,
+        value.decode(),
+        key,
+        env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(writer.communicate(), 60)
+    assert writer.returncode == 0, stderr.decode()

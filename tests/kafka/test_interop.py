@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from forge.config import ForgeSettings
 from forge.infrastructure.kafka.consumer import KafkaEventConsumer
@@ -23,6 +24,7 @@ from tests.kafka.conftest import (
     end_offsets,
     kafka_settings,
     start_group_at_end,
+    write_unreadable_record,
 )
 from tests.processes import ENVIRONMENT_AT_START
 
@@ -183,6 +185,25 @@ async def test_reader_stops_at_end_offsets(settings: ForgeSettings) -> None:
     assert {str(event.id) for event in sent} <= set(ids)
     ends = await end_offsets(settings, [CAPSULE_TOPIC])
     assert len(records) <= sum(ends.values())
+
+
+async def test_reader_skips_unreadable_record(settings: ForgeSettings) -> None:
+    before, bad, after = (capsule_created() for _ in range(3))
+    async with KafkaEventProducer(settings=settings) as producer:
+        await producer.publish(before)
+        await write_unreadable_record(settings, CAPSULE_TOPIC, bad.to_json(), str(bad.key))
+        await producer.publish(after)
+    reader = KafkaEventLogReader(settings=settings)
+
+    with capture_logs() as logs:
+        records = [record async for record in reader.read([EventType.CAPSULE_CREATED])]
+
+    ids = {record.headers.get("event_id") for record in records}
+    assert {str(before.id), str(after.id)} <= ids
+    assert str(bad.id) not in ids
+    skipped = [entry for entry in logs if entry["event"] == "kafka_record_unreadable"]
+    assert skipped
+    assert "UnicodeDecodeError" in skipped[-1]["reason"]
 
 
 async def test_reader_skips_missing_topic(tmp_path: Path) -> None:

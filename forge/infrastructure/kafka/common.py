@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from forge.core.audit.store import to_microseconds
@@ -160,6 +161,71 @@ def to_log_records(messages: Iterable[Any]) -> list[LogRecord]:
             )
         )
     return records
+
+
+class UnreadableRecord(NamedTuple):
+    """The outcome of `find_unreadable`."""
+
+    partition: TopicPartition
+    readable: list[Any]
+    """aiokafka records of the partition before the unreadable one, to be handled first."""
+    offset: int | None
+    """Offset of the unreadable record; None when the partition was read without failure."""
+    error: BaseException
+
+
+async def find_unreadable(
+    consumer: Any, error: BaseException, timeout_ms: int
+) -> UnreadableRecord | None:
+    """Find the record that made aiokafka's `getmany` raise `error`, one that it cannot parse.
+
+    Reads the failing partition one record per fetch up to the failure, so that the position
+    is then the unreadable record's offset; the caller handles the records read before it and
+    seeks past it. Returns None when the partition cannot be told from `error`.
+
+    Raises:
+        KafkaError: a fetch failed.
+    """
+    tp = _failing_partition(error)
+    if tp is None or tp not in consumer.assignment():
+        return None
+    readable: list[Any] = []
+    while True:
+        try:
+            fetched = await consumer.getmany(tp, timeout_ms=timeout_ms, max_records=1)
+        except KafkaError:
+            raise
+        except Exception as record_error:
+            return UnreadableRecord(tp, readable, await consumer.position(tp), record_error)
+        if not fetched.get(tp):
+            return UnreadableRecord(tp, readable, None, error)
+        readable.extend(fetched[tp])
+
+
+def unreadable_reason(tp: TopicPartition, offset: int, error: BaseException) -> str:
+    return (
+        f"The Kafka client could not read record {offset} of {tp.topic} partition "
+        f"{tp.partition}, or a record before it in the same record batch: {describe(error)}. "
+        "It was skipped; read it with another client, such as kafka-console-consumer with "
+        "--partition and --offset."
+    )
+
+
+def _failing_partition(error: BaseException) -> TopicPartition | None:
+    """Return the partition whose records aiokafka was reading when `error` was raised.
+
+    NOTE: aiokafka does not name the partition in such errors. This reads the local variable
+    `tp` of the innermost frame that has one, which aiokafka 0.14's fetcher uses for the
+    partition it unpacks; with other versions it may return None.
+    """
+    found: TopicPartition | None = None
+    trace = error.__traceback__
+    while trace is not None:
+        candidate = trace.tb_frame.f_locals.get("tp")
+        if isinstance(candidate, TopicPartition):
+            found = candidate
+        trace = trace.tb_next
+    return found
 
 
 def _record_time(timestamp: int) -> datetime | None:

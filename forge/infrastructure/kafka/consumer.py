@@ -69,9 +69,11 @@ from forge.infrastructure.kafka.common import (
     DEAD_LETTER_TOPIC,
     KafkaHeaders,
     describe,
+    find_unreadable,
     is_retriable,
     start_client,
     to_log_records,
+    unreadable_reason,
 )
 from forge.infrastructure.kafka.producer import KafkaEventProducer
 from forge.logging import get_logger
@@ -186,6 +188,8 @@ class KafkaEventConsumer(HandlerRegistrations):
         self._dead_letter_producer: KafkaEventProducer | None = None
         self._assigned = asyncio.Event()
         self._uncommitted: dict[TopicPartition, int] = {}
+        self._handled_to: dict[TopicPartition, int] = {}
+        """Offset after the last record handled or parked, per owned partition."""
         self._commit_task: asyncio.Task[None] | None = None
         self._batch_task: asyncio.Task[None] | None = None
         self._running: asyncio.Task[None] | None = None
@@ -555,28 +559,27 @@ class KafkaEventConsumer(HandlerRegistrations):
         Raises:
             ConsumerGroupError: the failing partition could not be found.
         """
-        tp = _failing_partition(error)
-        if tp is None or tp not in consumer.assignment():
+        try:
+            # aiokafka had already taken records of other partitions in the failed call and
+            # moved their positions past them, so every partition goes back to what is handled.
+            await self._rewind_to_handled(consumer)
+            found = await find_unreadable(consumer, error, FETCH_TIMEOUT_MS)
+        except KafkaError as fetch_error:
+            raise self._translate(fetch_error, "Fetching records") from fetch_error
+        if found is None:
             raise ConsumerGroupError(
                 f"Reading records for consumer group {self._group_id!r} failed: "
                 f"{describe(error)}. The record could not be found to park it; read the "
                 "group's partitions with another client to find it."
             ) from error
-        # One record per fetch, so that the failure shows the offset of the unreadable one.
-        while True:
-            try:
-                fetched = await consumer.getmany(tp, timeout_ms=FETCH_TIMEOUT_MS, max_records=1)
-            except KafkaError as fetch_error:
-                raise self._translate(fetch_error, "Fetching records") from fetch_error
-            except Exception as record_error:
-                error = record_error
-                break
-            if not fetched.get(tp):
-                # Read this time: the failure did not come from one record.
-                return
-            await self._handle_keeping_membership(consumer, to_log_records(fetched[tp]), fetched)
+        if found.readable:
+            fetched = {found.partition: found.readable}
+            await self._handle_keeping_membership(consumer, to_log_records(found.readable), fetched)
+        if found.offset is None:
+            # Read this time: the failure did not come from one record.
+            return
 
-        offset = await consumer.position(tp)
+        tp, offset = found.partition, found.offset
         letter = DeadLetter(
             group_id=self._group_id,
             topic=tp.topic,
@@ -585,13 +588,8 @@ class KafkaEventConsumer(HandlerRegistrations):
             key=None,
             value=b"",
             headers={},
-            reason=(
-                f"The Kafka client could not read record {offset} of {tp.topic} partition "
-                f"{tp.partition}, or a record before it in the same record batch: "
-                f"{describe(error)}. It was skipped; read it with another client, such as "
-                "kafka-console-consumer with --partition and --offset."
-            ),
-            error_type=type(error).__name__,
+            reason=unreadable_reason(tp, offset, found.error),
+            error_type=type(found.error).__name__,
             handler=DECODE_STAGE,
             attempts=1,
         )
@@ -607,9 +605,21 @@ class KafkaEventConsumer(HandlerRegistrations):
         await self._park([letter], {})
         consumer.seek(tp, offset + 1)
         self._uncommitted[tp] = offset + 1
+        self._handled_to[tp] = offset + 1
         self.handled_count += 1
         self.parked_count += 1
         await self._commit_in_background(consumer)
+
+    async def _rewind_to_handled(self, consumer: AIOKafkaConsumer) -> None:
+        """Seek every owned partition to the offset after its last handled record."""
+        for tp in consumer.assignment():
+            offset = self._handled_to.get(tp)
+            if offset is None:
+                offset = await consumer.committed(tp)
+            if offset is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, offset)
 
     async def _keep_membership(
         self, consumer: AIOKafkaConsumer, paused: list[TopicPartition]
@@ -694,6 +704,7 @@ class KafkaEventConsumer(HandlerRegistrations):
             if tp in owned:
                 consumer.seek(tp, offset)
         self._uncommitted.update(next_offsets)
+        self._handled_to.update(next_offsets)
         await self._commit_in_background(consumer)
         if park_error is not None:
             raise park_error
@@ -916,6 +927,8 @@ class KafkaEventConsumer(HandlerRegistrations):
     def _on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in [tp for tp in self._uncommitted if tp not in assigned]:
             del self._uncommitted[tp]
+        # A partition owned again resumes from its committed offset.
+        self._handled_to.clear()
         self._assigned.set()
         logger.info(
             "partitions_assigned",
@@ -980,23 +993,6 @@ def _event_time(record: LogRecord) -> int:
     if record.timestamp is not None:
         return int(record.timestamp.timestamp() * 1_000_000)
     return 0
-
-
-def _failing_partition(error: BaseException) -> TopicPartition | None:
-    """Return the partition whose records aiokafka was reading when `error` was raised.
-
-    NOTE: aiokafka does not name the partition in such errors. This reads the local variable
-    `tp` of the innermost frame that has one, which aiokafka 0.14's fetcher uses for the
-    partition it unpacks; with other versions it may return None.
-    """
-    found: TopicPartition | None = None
-    trace = error.__traceback__
-    while trace is not None:
-        candidate = trace.tb_frame.f_locals.get("tp")
-        if isinstance(candidate, TopicPartition):
-            found = candidate
-        trace = trace.tb_next
-    return found
 
 
 def _position(letter: DeadLetter) -> tuple[str, int, int]:

@@ -17,10 +17,13 @@ from forge.exceptions import BrokerUnavailableError
 from forge.infrastructure.kafka.admin import partition_counts
 from forge.infrastructure.kafka.common import (
     CONNECT_TIMEOUT_SECONDS,
+    UnreadableRecord,
     describe,
     event_topics,
+    find_unreadable,
     start_client,
     to_log_record,
+    unreadable_reason,
 )
 from forge.infrastructure.kafka.consumer import FETCH_TIMEOUT_MS
 from forge.logging import get_logger
@@ -99,6 +102,9 @@ class KafkaEventLogReader:
             else:
                 await consumer.seek_to_end(*partitions)
             ends = {} if follow else await consumer.end_offsets(partitions)
+            # Offset after the last record yielded, per partition, to rewind to after a record
+            # that aiokafka could not read.
+            read_to = {tp: await consumer.position(tp) for tp in partitions}
 
             while True:
                 if not follow and await _reached(consumer, ends):
@@ -111,13 +117,55 @@ class KafkaEventLogReader:
                     raise BrokerUnavailableError(
                         f"Reading topics from {self._bootstrap_servers} failed: {describe(error)}."
                     ) from error
+                except Exception as error:
+                    # A record that aiokafka cannot parse would fail every later fetch too.
+                    # aiokafka had already taken records of other partitions in the failed
+                    # call and moved their positions past them.
+                    for tp, offset in read_to.items():
+                        consumer.seek(tp, offset)
+                    found = await _skip_unreadable(consumer, error)
+                    batches = {found.partition: found.readable}
+                    if found.offset is not None:
+                        # Past the skipped record, which the position is already.
+                        read_to[found.partition] = found.offset + 1
                 for tp in sorted(batches):
                     for message in batches[tp]:
+                        read_to[tp] = max(read_to[tp], message.offset + 1)
                         if not follow and message.offset >= ends[tp]:
                             continue
                         yield to_log_record(message)
         finally:
             await consumer.stop()
+
+
+async def _skip_unreadable(consumer: AIOKafkaConsumer, error: Exception) -> UnreadableRecord:
+    """Log and skip the record that aiokafka could not read; return it, and the records of
+    its partition before it.
+
+    Raises:
+        BrokerUnavailableError: a fetch failed, or the record could not be found.
+    """
+    try:
+        found = await find_unreadable(consumer, error, FETCH_TIMEOUT_MS)
+    except KafkaError as fetch_error:
+        raise BrokerUnavailableError(f"Reading topics failed: {describe(fetch_error)}.") from (
+            fetch_error
+        )
+    if found is None:
+        raise BrokerUnavailableError(
+            f"Reading topics failed: {describe(error)}. The record could not be found to skip "
+            "it; read the topics with another client."
+        ) from error
+    if found.offset is not None:
+        logger.warning(
+            "kafka_record_unreadable",
+            topic=found.partition.topic,
+            partition=found.partition.partition,
+            offset=found.offset,
+            reason=unreadable_reason(found.partition, found.offset, found.error),
+        )
+        consumer.seek(found.partition, found.offset + 1)
+    return found
 
 
 async def _reached(consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]) -> bool:
