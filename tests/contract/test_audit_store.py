@@ -231,7 +231,16 @@ async def test_cursor_pages_filtered_query(backend: Any) -> None:
     ]
 
 
-@pytest.mark.parametrize("cursor", ["not-a-cursor", "", "MTox:x", "%%%"])
+# base64 of "9223372036854775807:1" and "253402300800000000:5": 64-bit integers, but times
+# after the year 9999; and "1:99999999999999999999", a sequence beyond 64 bits.
+OUT_OF_RANGE_CURSORS = [
+    "OTIyMzM3MjAzNjg1NDc3NTgwNzox",
+    "MjUzNDAyMzAwODAwMDAwMDAwOjU",
+    "MTo5OTk5OTk5OTk5OTk5OTk5OTk5OQ",
+]
+
+
+@pytest.mark.parametrize("cursor", ["not-a-cursor", "", "MTox:x", "%%%", *OUT_OF_RANGE_CURSORS])
 async def test_invalid_cursor_rejected(backend: Any, cursor: str) -> None:
     with pytest.raises(EventValidationError) as caught:
         await backend.audit_store.query(AuditQuery(cursor=cursor))
@@ -280,3 +289,14 @@ async def test_recorder_ignores_redelivered_events(backend: Any) -> None:
 
     assert recorder.recorded == 0
     assert await backend.audit_store.count() == 1
+
+
+async def test_nul_in_resource_type_recorded(backend: Any) -> None:
+    # PostgreSQL's text cannot hold NUL: its store escapes the column, and the event itself
+    # is kept exactly in its JSON.
+    event = capsule_created().model_copy(update={"resource_type": "job\x00x"})
+
+    assert await backend.audit_store.record([event]) == 1
+
+    page = await backend.audit_store.query(AuditQuery(resource_id=event.resource_id))
+    assert [entry.event for entry in page.entries] == [event]

@@ -60,14 +60,21 @@ def encode_cursor(occurred_us: int, seq: int) -> str:
     return base64.urlsafe_b64encode(f"{occurred_us}:{seq}".encode()).decode().rstrip("=")
 
 
+_CURSOR_MICROSECONDS = range(
+    to_microseconds(datetime.min.replace(tzinfo=UTC)),
+    to_microseconds(datetime.max.replace(tzinfo=UTC)) + 1,
+)
+
+
 def decode_cursor(cursor: str) -> tuple[int, int]:
     """Parse a page cursor, or raise `EventValidationError` naming it."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         occurred, seq = base64.urlsafe_b64decode(padded.encode()).decode().split(":")
         position = int(occurred), int(seq)
-        # Both stores keep them as 64-bit integers, and a larger one fails in the driver.
-        if not all(-(2**63) <= part < 2**63 for part in position):
+        # The time must be one that `datetime` holds (years 1 to 9999), and the sequence a
+        # 64-bit integer as both stores keep it; other values fail in the driver.
+        if position[0] not in _CURSOR_MICROSECONDS or not -(2**63) <= position[1] < 2**63:
             raise ValueError("cursor out of range")
         return position
     except (ValueError, UnicodeDecodeError) as error:

@@ -25,7 +25,7 @@ from forge.core.audit.store import (
     to_microseconds,
 )
 from forge.exceptions import EventRejectedError
-from forge.infrastructure.postgres.database import PostgresDatabase
+from forge.infrastructure.postgres.database import PostgresDatabase, storable_text
 from forge.models.events import Event, parse_event
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -67,7 +67,7 @@ class PostgresAuditStore:
                 event.timestamp,
                 event.actor_id,
                 event.actor_type,
-                event.resource_type,
+                storable_text(event.resource_type),
                 event.resource_id,
                 event.correlation_id,
                 event.causation_id,

@@ -15,7 +15,7 @@ import re
 import warnings
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, overload
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -143,6 +143,26 @@ def translate_error(error: BaseException, dsn: str) -> ForgeError:
             f"The connection to PostgreSQL at {redacted} is broken ({error}). {_START_FIX}"
         )
     return StorageError(f"PostgreSQL client error for {redacted}: {error}")
+
+
+@overload
+def storable_text(text: str) -> str: ...
+
+
+@overload
+def storable_text(text: None) -> None: ...
+
+
+def storable_text(text: str | None) -> str | None:
+    """Return `text` with NUL characters written as `\\x00`.
+
+    PostgreSQL's text and jsonb cannot hold NUL. The stores write with it the text that
+    Forge keeps beside an exact copy, such as a dead letter's key and headers (the record's
+    value is kept as bytes) or an audit row's columns (the event's JSON escapes NUL).
+    """
+    if text is None or "\x00" not in text:
+        return text
+    return text.replace("\x00", "\\x00")
 
 
 class PostgresDatabase:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Mapping, Sequence
-from typing import Any, overload
+from typing import Any
 
 import orjson
 
 from forge.core.events.dead_letters import DeadLetter, DeadLetterStatus, storable_ids
-from forge.infrastructure.postgres.database import PostgresDatabase, status_count
+from forge.infrastructure.postgres.database import PostgresDatabase, status_count, storable_text
 
 _COLUMNS = (
     "id, group_id, topic, partition, log_offset, key, value, headers, event_id, event_type, "
@@ -45,29 +45,9 @@ def _row_to_letter(row: Any) -> DeadLetter:
     )
 
 
-@overload
-def _storable(text: str) -> str: ...
-
-
-@overload
-def _storable(text: None) -> None: ...
-
-
-def _storable(text: str | None) -> str | None:
-    """Return `text` with NUL characters written as `\\x00`.
-
-    PostgreSQL's text and jsonb cannot hold NUL, which a record's key or headers, or a
-    handler's error message, may contain. A letter whose insert failed would leave its record
-    neither handled nor parked. The record's value is stored as bytes, unchanged.
-    """
-    if text is None or "\x00" not in text:
-        return text
-    return text.replace("\x00", "\\x00")
-
-
 def _storable_json(values: Mapping[str, str]) -> str:
     return orjson.dumps(
-        {_storable(name): _storable(text) for name, text in values.items()}
+        {storable_text(name): storable_text(text) for name, text in values.items()}
     ).decode()
 
 
@@ -86,18 +66,18 @@ class PostgresDeadLetterStore:
             return
         rows = [
             (
-                _storable(letter.group_id),
-                _storable(letter.topic),
+                storable_text(letter.group_id),
+                storable_text(letter.topic),
                 letter.partition,
                 letter.offset,
-                _storable(letter.key),
+                storable_text(letter.key),
                 letter.value,
                 _storable_json(letter.headers),
-                _storable(letter.event_id),
-                _storable(letter.event_type),
-                _storable(letter.reason),
-                _storable(letter.error_type),
-                _storable(letter.handler),
+                storable_text(letter.event_id),
+                storable_text(letter.event_type),
+                storable_text(letter.reason),
+                storable_text(letter.error_type),
+                storable_text(letter.handler),
                 letter.attempts,
                 DeadLetterStatus.PARKED.value,
                 _storable_json(letter.extra),
@@ -130,7 +110,7 @@ class PostgresDeadLetterStore:
         conditions: list[str] = []
         parameters: list[Any] = []
         if group_id is not None:
-            parameters.append(_storable(group_id))
+            parameters.append(storable_text(group_id))
             conditions.append(f"group_id = ${len(parameters)}")
         if status is not None:
             parameters.append(DeadLetterStatus(status).value)
@@ -160,7 +140,7 @@ class PostgresDeadLetterStore:
             parameters.append(ids)
             conditions.append(f"id = ANY(${len(parameters)}::bigint[])")
         if group_id is not None:
-            parameters.append(_storable(group_id))
+            parameters.append(storable_text(group_id))
             conditions.append(f"group_id = ${len(parameters)}")
         status = await self._database.execute(
             "UPDATE dead_letters SET status = $1, updated_at = now(), claimed_until = NULL "
@@ -180,7 +160,7 @@ class PostgresDeadLetterStore:
             "WHERE id IN (SELECT id FROM dead_letters WHERE group_id = $1 AND status = $2 "
             "AND (claimed_until IS NULL OR claimed_until < now()) ORDER BY id LIMIT $4 "
             f"FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
-            _storable(group_id),
+            storable_text(group_id),
             DeadLetterStatus.RETRY_REQUESTED.value,
             self._claim_seconds,
             limit,
@@ -209,8 +189,8 @@ class PostgresDeadLetterStore:
             "attempts = attempts + $4, updated_at = now(), claimed_until = NULL, "
             "extra = $5::jsonb WHERE id = $6",
             DeadLetterStatus.PARKED.value,
-            _storable(reason),
-            _storable(error_type),
+            storable_text(reason),
+            storable_text(error_type),
             attempts,
             _storable_json(extra or {}),
             letter_id,
