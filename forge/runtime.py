@@ -243,6 +243,22 @@ class Runtime:
         return store
 
     @property
+    def outbox(self) -> Any:
+        """The PostgreSQL outbox of the Kafka backend (a `PostgresOutbox`).
+
+        Raises:
+            ConfigurationError: the embedded backend runs, which writes events directly to its
+                log and has no outbox.
+        """
+        self._require(self._audit_store, "outbox")
+        if self._outbox is None:
+            raise ConfigurationError(
+                "The outbox exists only with Kafka and PostgreSQL (FORGE_EVENT_BACKEND=kafka); "
+                "the embedded backend writes events directly to its log."
+            )
+        return self._outbox
+
+    @property
     def reader(self) -> EventLogReader:
         reader: EventLogReader = self._require(self._reader, "reader")
         return reader
@@ -265,6 +281,7 @@ class Runtime:
             details["broker_error"] = self._broker.last_error
         if self._outbox is not None:
             details["outbox_pending"] = await self._outbox.pending_count()
+            details["outbox_rejected"] = await self._outbox.rejected_count()
         return details
 
     def worker_factories(self) -> dict[str, Callable[[], EventConsumer]]:

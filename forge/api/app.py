@@ -304,6 +304,9 @@ def create_app(settings: ForgeSettings | None = None, *, run_workers: bool = Tru
         # While the broker is down, changes are still accepted into the outbox. The health
         # check reports that, with the number of events waiting, instead of looking fine.
         healthy = healthy and details.get("broker_connected", True)
+        # A rejected outbox row is an event that was never published: it waits for a fix and
+        # `forge outbox requeue`.
+        healthy = healthy and not details.get("outbox_rejected")
         body = {
             "status": "ok" if healthy else "degraded",
             "event_backend": runtime.settings.event_backend.value,

@@ -62,6 +62,10 @@ app.add_typer(events_app, name="events")
 app.add_typer(audit_app, name="audit")
 app.add_typer(replay_app, name="replay")
 app.add_typer(dlq_app, name="dlq")
+outbox_app = typer.Typer(
+    help="Show and requeue outbox rows the relay rejected (Kafka backend).", no_args_is_help=True
+)
+app.add_typer(outbox_app, name="outbox")
 kafka_app = typer.Typer(help="Manage Forge's Apache Kafka topics.", no_args_is_help=True)
 topics_app = typer.Typer(help="Create or check the event topics.", no_args_is_help=True)
 kafka_app.add_typer(topics_app, name="topics")
@@ -661,6 +665,60 @@ def dlq_retry(
             highlight=False,
         )
         raise typer.Exit(1)
+
+
+# Outbox ------------------------------------------------------------------------------------------
+
+
+@outbox_app.command("list")
+def outbox_list(
+    limit: Annotated[int, typer.Option(min=1, help="At most this many.")] = 100,
+    as_json: JsonFlag = False,
+) -> None:
+    """List rejected outbox rows, whose events were never published, with the reason."""
+
+    async def query(runtime: Runtime) -> tuple[int, list[Any]]:
+        return await runtime.outbox.pending_count(), await runtime.outbox.rejected(limit=limit)
+
+    pending, rejected = _run(query)
+    if as_json:
+        for row in rejected:
+            _print_json(
+                {
+                    "id": row.id,
+                    "event_id": str(row.event_id),
+                    "topic": row.topic,
+                    "reason": row.reason,
+                    "rejected_at": row.rejected_at.isoformat(),
+                }
+            )
+        return
+    table = Table("id", "event", "topic", "rejected at (UTC)", "reason")
+    for row in rejected:
+        table.add_row(
+            str(row.id),
+            str(row.event_id),
+            row.topic,
+            row.rejected_at.isoformat(timespec="seconds"),
+            escape(row.reason[:100]),
+        )
+    console.print(table)
+    console.print(f"{pending} row(s) waiting to be published.", highlight=False)
+
+
+@outbox_app.command("requeue")
+def outbox_requeue(
+    ids: Annotated[
+        list[int] | None, typer.Argument(help="Rejected row ids; see `forge outbox list`.")
+    ] = None,
+    requeue_all: Annotated[bool, typer.Option("--all", help="Requeue every rejected row.")] = False,
+) -> None:
+    """Make rejected outbox rows pending again, once the cause is fixed; the relay sends them."""
+    if not ids and not requeue_all:
+        raise typer.BadParameter("give row ids, or --all to requeue every rejected row")
+    storable = None if requeue_all else [row_id for row_id in ids or [] if 0 < row_id < 2**63]
+    count = _run(lambda runtime: runtime.outbox.requeue_rejected(storable))
+    console.print(f"{count} row(s) requeued; the outbox relay publishes them.", highlight=False)
 
 
 # Kafka ---------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ broker.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
 import sys
 import time
@@ -307,6 +309,44 @@ async def test_partial_failure_resends_key_in_order(
         if record.headers["event_id"] not in ids:
             ids.insert(0, record.headers["event_id"])
     assert last_seen == ids_by_key(events)
+
+
+async def test_event_rejected_for_good_is_parked_once(
+    database: PostgresDatabase, target: SqliteEventLog
+) -> None:
+    # Like a broker that rejects one event as too large for its topic, every time.
+    events = interleaved_updates(resources=3, per_resource=4)
+    rejected = events[3]  # second event of the first resource
+
+    class RejectsOneEvent(WrappedPublisher):
+        async def publish_batch(self, batch: Sequence[Event[Any]]) -> None:
+            self.calls.append(list(batch))
+            others = [event for event in batch if event.id != rejected.id]
+            await self.target.publish_batch(others)
+            if len(others) < len(batch):
+                too_large = PublishError("MessageSizeTooLargeError: the broker rejected it")
+                too_large.retriable = False
+                raise BatchPublishError(
+                    "1 event was not acknowledged", {rejected.id: too_large}, len(others)
+                )
+
+    await append_to_outbox(database, events)
+    outbox = PostgresOutbox(database)
+    publisher = RejectsOneEvent(target)
+
+    async with OutboxRelay(outbox, publisher, FAST) as relay:
+        await wait_until(lambda: drained(outbox), timeout=30, message="outbox not drained")
+        rejected_by_relay = relay.rejected_count
+
+    [row] = await outbox.rejected()
+    published = [record.headers["event_id"] for record in await read_all(target)]
+    assert rejected_by_relay == 1
+    assert await outbox.rejected_count() == 1
+    assert (row.event_id, row.topic) == (rejected.id, rejected.topic)
+    assert "MessageSizeTooLargeError" in row.reason
+    # Every other event went out once, and no batch was sent again.
+    assert sorted(published) == sorted(str(e.id) for e in events if e.id != rejected.id)
+    assert len(publisher.calls) == 1
 
 
 async def test_publish_outage_retries_without_marking(
@@ -613,3 +653,46 @@ async def start_worker(
         pytest.fail(f"The relay worker did not become active; see {tmp_path / 'worker.log'}")
     assert line.strip() == b"active", (tmp_path / "worker.log").read_text()
     return process
+
+
+async def test_cli_lists_and_requeues_rejected_rows(
+    database: PostgresDatabase, postgres_dsn: str, tmp_path: Path
+) -> None:
+    event = update_event(uuid.uuid4(), 1)
+    await append_to_outbox(database, [event])
+    outbox = PostgresOutbox(database)
+    [row] = await outbox.records()
+    await database.execute(
+        "UPDATE outbox SET rejected_at = now(), last_error = 'too large' WHERE id = $1", row.id
+    )
+
+    async def forge(*args: str) -> tuple[int, str, str]:
+        # A process of its own, because the command line configures logging for the process.
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "forge.cli.main",
+            *args,
+            env={
+                **os.environ,
+                "FORGE_EVENT_BACKEND": "kafka",
+                "FORGE_POSTGRES_DSN": postgres_dsn,
+                "FORGE_POSTGRES_SCHEMA": database.schema,
+                "FORGE_DATA_DIR": str(tmp_path),
+            },
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(process.communicate(), 120)
+        return process.returncode or 0, out.decode(), err.decode()
+
+    listed = await forge("outbox", "list", "--json")
+    requeued = await forge("outbox", "requeue", str(row.id))
+
+    assert listed[0] == 0, listed[2]
+    shown = json.loads(listed[1].splitlines()[0])
+    assert (shown["id"], shown["event_id"], shown["reason"]) == (row.id, str(event.id), "too large")
+    assert requeued[0] == 0, requeued[2]
+    assert "1 row(s) requeued" in requeued[1]
+    assert await outbox.rejected_count() == 0
+    assert await outbox.pending_count() == 1

@@ -81,6 +81,9 @@ class Outbox(Protocol):
     async def pending_count(self) -> int:
         """Return the number of rows neither published nor rejected."""
 
+    async def rejected_count(self) -> int:
+        """Return the number of rejected rows, which wait for `requeue_rejected`."""
+
     async def requeue_rejected(self, ids: Sequence[int] | None = None) -> int:
         """Make rejected rows (all of them when `ids` is None) pending again; return the count."""
 
@@ -138,8 +141,10 @@ class OutboxRelay:
           backoff from the first failure.
         - Only the relay holding the outbox's leadership publishes.
 
-    A row whose value cannot be decoded, or that the publisher rejects as invalid, is parked
-    with the reason (see `Outbox.requeue_rejected`) instead of blocking the relay. Retriable
+    A row whose value cannot be decoded, or whose event the publisher rejects for good (as
+    invalid, or as a retry cannot help), is parked with the reason (see
+    `Outbox.requeue_rejected`) instead of blocking the relay; the later events of its resource
+    are published. Retriable
     errors of the database or the publisher are logged and retried with backoff. Any other
     error stops the relay; `stop()` raises it.
 
@@ -377,7 +382,12 @@ class OutboxRelay:
         retry = 0
         for record, event in batch:
             reason = failed.get(str(event.id))
-            if isinstance(reason, EventValidationError):
+            if isinstance(reason, EventValidationError) or (
+                isinstance(reason, ForgeError) and not reason.retriable
+            ):
+                # Retrying cannot help, for example when the broker rejects the event as too
+                # large for the topic, and the later events of its resource would be sent
+                # again at every retry.
                 await self._reject(session, record, f"The publisher rejected the event: {reason}")
             elif reason is not None:
                 held_keys.add(record.key)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import orjson
@@ -40,6 +40,16 @@ _PENDING = "published_at IS NULL AND rejected_at IS NULL"
 def relay_lock_name(schema: str) -> str:
     """Return the name hashed into the relay's advisory lock for the outbox of `schema`."""
     return f"forge.outbox_relay:{schema}"
+
+
+class RejectedRow(NamedTuple):
+    """An outbox row the relay rejected: its event was never published."""
+
+    id: int
+    event_id: Any
+    topic: str
+    reason: str
+    rejected_at: datetime
 
 
 class PostgresOutbox:
@@ -123,6 +133,30 @@ class PostgresOutbox:
     async def pending_count(self) -> int:
         count: int = await self._database.fetchval(f"SELECT count(*) FROM outbox WHERE {_PENDING}")
         return count
+
+    async def rejected_count(self) -> int:
+        count: int = await self._database.fetchval(
+            "SELECT count(*) FROM outbox WHERE rejected_at IS NOT NULL"
+        )
+        return count
+
+    async def rejected(self, *, limit: int = 100) -> list[RejectedRow]:
+        """Return rejected rows with the reason, oldest first."""
+        rows = await self._database.fetch(
+            "SELECT id, event_id, topic, last_error, rejected_at FROM outbox "
+            "WHERE rejected_at IS NOT NULL ORDER BY id LIMIT $1",
+            min(limit, 2**63 - 1),
+        )
+        return [
+            RejectedRow(
+                row["id"],
+                row["event_id"],
+                row["topic"],
+                row["last_error"] or "",
+                row["rejected_at"],
+            )
+            for row in rows
+        ]
 
     async def requeue_rejected(self, ids: Sequence[int] | None = None) -> int:
         if ids is not None and not ids:
