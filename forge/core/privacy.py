@@ -19,6 +19,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from forge.exceptions import EventValidationError, FieldProblem
 from forge.logging import get_logger
 from forge.models.events import SEALED_PREFIX, Event
 
@@ -78,9 +79,10 @@ def _is_sealed(value: Any, key: bytes | None, event: Event[Any]) -> bool:
 def _required_subject(event: Event[Any]) -> UUID:
     subject = subject_of(event)
     if subject is None:
-        raise ValueError(
+        raise EventValidationError(
             f"Event {event.id} ({event.type.value}) carries personal data but names no "
-            "subject; set resource_id or actor_id to the user it is about."
+            "subject; set resource_id or actor_id to the user it is about.",
+            [FieldProblem("resource_id", None, "missing for an event with personal data")],
         )
     return subject
 

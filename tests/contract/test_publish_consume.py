@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import datetime
 from typing import Any
 from uuid import uuid4
 
 import pytest
 
+from forge.exceptions import EventValidationError
 from forge.models.events import (
     CapsuleCreatedEvent,
     CapsuleDeletedEvent,
@@ -351,3 +353,32 @@ async def test_typed_classes_survive_the_log(backend: Any) -> None:
         CapsuleUpdatedEvent,
         CapsuleDeletedEvent,
     ]
+
+
+async def test_repeated_id_in_batch_rejected(backend: Any) -> None:
+    first = capsule_created()
+    copy = first.model_copy(update={"metadata": {"pad": "x" * 100}})
+
+    with pytest.raises(EventValidationError) as caught:
+        await backend.events.publish_many([first, capsule_created(), copy])
+
+    assert f"Event id {first.id} appears twice in the batch; nothing was published" in str(
+        caught.value
+    )
+    consumer = backend.make_consumer("copies")
+    recorder = Recorder()
+    consumer.register_handler(EventType.CAPSULE_CREATED, recorder)
+    await consumer.start()
+    await consumer.drain()
+    assert first.id not in recorder.ids
+
+
+async def test_naive_timestamp_from_model_copy_rejected(backend: Any) -> None:
+    # model_copy does not validate, so creation's check cannot catch this.
+    event = capsule_created().model_copy(update={"timestamp": datetime(2026, 1, 31, 12, 0)})
+
+    with pytest.raises(EventValidationError) as caught:
+        await backend.events.publish(event)
+
+    assert "has the naive timestamp 2026-01-31T12:00:00" in str(caught.value)
+    assert [problem.location for problem in caught.value.problems] == ["timestamp"]

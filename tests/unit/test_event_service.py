@@ -12,7 +12,9 @@ import pytest
 from forge.core.events.context import caused_by, correlation_scope, current_causation
 from forge.core.events.ports import EventPublisher
 from forge.core.events.service import EventService
-from forge.models.events import Event, EventType, UserRegisteredEvent
+from forge.core.privacy import PersonalDataProtector
+from forge.exceptions import EventValidationError, PublishError, StorageUnavailableError
+from forge.models.events import Event, EventType, UserAuthenticatedEvent, UserRegisteredEvent
 from tests.helpers import capsule_created, vote_cast
 
 
@@ -230,3 +232,44 @@ async def test_close_leaves_given_publisher(
 def test_service_needs_publisher() -> None:
     with pytest.raises(ValueError, match="needs a publisher or a publisher_factory"):
         EventService()
+
+
+class _UnreachableKeys:
+    """A subject key store whose database is down."""
+
+    async def key_for(self, subject_id: Any, *, create: bool) -> bytes | None:
+        raise StorageUnavailableError("Cannot reach PostgreSQL at ... (connection refused).")
+
+    async def forget(self, subject_id: Any) -> bool:
+        raise StorageUnavailableError("Cannot reach PostgreSQL at ... (connection refused).")
+
+
+def _sign_in() -> Event[Any]:
+    user = uuid4()
+    return UserAuthenticatedEvent.create(user_id=user, ip_address="198.51.100.7")
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["publish", "publish_many"])
+async def test_unreachable_key_store_raises_publish_error(
+    publisher: MemoryPublisher, many: bool
+) -> None:
+    service = EventService(publisher, protector=PersonalDataProtector(_UnreachableKeys()))
+
+    with pytest.raises(PublishError) as caught:
+        if many:
+            await service.publish_many([_sign_in()])
+        else:
+            await service.publish(_sign_in())
+
+    assert caught.value.retriable is True
+    assert "could not be read or stored, so nothing was published" in str(caught.value)
+    assert publisher.published == []
+
+
+async def test_repeated_ids_named(publisher: MemoryPublisher, service: EventService) -> None:
+    event = vote_cast()
+
+    with pytest.raises(EventValidationError, match=f"Event id {event.id} appears twice"):
+        await service.publish_many([event, vote_cast(), event])
+
+    assert publisher.published == []

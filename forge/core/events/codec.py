@@ -66,6 +66,7 @@ def encode_value(event: Event[Any], max_bytes: int) -> bytes:
         EventTooLargeError: the JSON exceeds `max_bytes`.
         EventSchemaError: the event's `schema_version` is not its class's. Creation rejects
             that, but `model_copy(update=...)` does not validate.
+        EventValidationError: the timestamp has no timezone, which `model_copy` also allows.
     """
     current = type(event).SCHEMA_VERSION
     # `True == 1`, so the type is checked too.
@@ -75,6 +76,13 @@ def encode_value(event: Event[Any], max_bytes: int) -> bytes:
             f"but this code writes version {current}; consumers would reject or upgrade it "
             f"again. Publish it with schema_version {current}.",
             [FieldProblem("schema_version", event.schema_version, f"not version {current}")],
+        )
+    if event.timestamp.tzinfo is None:
+        # Creation rejects a naive timestamp, but `model_copy(update=...)` does not validate.
+        raise EventValidationError(
+            f"Event {event.id} ({event.type.value}) has the naive timestamp "
+            f"{event.timestamp.isoformat()}; give it a timezone, such as datetime.now(UTC).",
+            [FieldProblem("timestamp", event.timestamp, "no timezone")],
         )
     value = event.to_json()
     if len(value) > max_bytes:

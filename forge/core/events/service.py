@@ -14,14 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 from uuid import UUID
 
 from forge.core.events.context import stamp
 from forge.core.events.ports import EventPublisher
 from forge.core.privacy import PersonalDataProtector
-from forge.exceptions import NotStartedError
+from forge.exceptions import (
+    EventValidationError,
+    FieldProblem,
+    NotStartedError,
+    PublishError,
+    StorageError,
+)
 from forge.logging import get_logger
 from forge.models.events import (
     CapsuleCreatedEvent,
@@ -53,6 +60,39 @@ logger = get_logger(__name__)
 
 EventT = TypeVar("EventT", bound=Event[Any])
 PublisherFactory = Callable[[], Awaitable[EventPublisher]]
+
+
+def _reject_repeated_ids(events: Sequence[Event[Any]]) -> None:
+    """Raise `EventValidationError` if two events of a batch have the same id.
+
+    Both would be written, and a batch error, which names failed events by id, could not say
+    which of the two failed.
+    """
+    if len({event.id for event in events}) == len(events):
+        return
+    seen: set[UUID] = set()
+    for event in events:
+        if event.id in seen:
+            raise EventValidationError(
+                f"Event id {event.id} appears twice in the batch; nothing was published. "
+                "Give each event its own id (create() does), or publish it once.",
+                [FieldProblem("id", event.id, "repeated in the batch")],
+            )
+        seen.add(event.id)
+
+
+@contextmanager
+def _sealing_errors_as_publish_errors() -> Iterator[None]:
+    """Turn a storage error of the subject keys into the `PublishError` that callers catch."""
+    try:
+        yield
+    except StorageError as error:
+        failed = PublishError(
+            f"The keys that seal the events' personal data could not be read or stored, so "
+            f"nothing was published: {error}"
+        )
+        failed.retriable = error.retriable
+        raise failed from error
 
 
 class EventService:
@@ -92,8 +132,9 @@ class EventService:
         and personal fields sealed when a protector is configured.
 
         Raises:
-            PublishError: the event was not durably accepted.
-            EventTooLargeError: the serialized event is over the configured limit.
+            PublishError: the event was not durably accepted, also when the keys that seal its
+                personal data could not be read or stored.
+            EventValidationError: the event is invalid, for example over the size limit.
         """
         publisher = await self.initialize()
         event = await self._prepare(event)
@@ -101,13 +142,22 @@ class EventService:
         return event
 
     async def publish_many(self, events: Sequence[Event[Any]]) -> list[Event[Any]]:
-        """Publish events together; all are accepted or `BatchPublishError` names the failed."""
+        """Publish events together; all are accepted or `BatchPublishError` names the failed.
+
+        Raises:
+            EventValidationError: two events have the same id; nothing was published.
+            PublishError: the keys that seal personal data could not be read or stored;
+                nothing was published.
+            BatchPublishError: some events were not accepted; it names them.
+        """
         publisher = await self.initialize()
         prepared = [stamp(event) for event in events]
+        _reject_repeated_ids(prepared)
         if self._protector is not None:
             # One key lookup for the whole batch, because sealing event by event cost a write
             # transaction per event with personal data.
-            prepared = await self._protector.seal_many(prepared)
+            with _sealing_errors_as_publish_errors():
+                prepared = await self._protector.seal_many(prepared)
         await publisher.publish_batch(prepared)
         return prepared
 
@@ -116,7 +166,8 @@ class EventService:
         # erasing the subject's key later makes every copy unreadable.
         event = stamp(event)
         if self._protector is not None and event.data.personal_fields():
-            event = await self._protector.seal(event)
+            with _sealing_errors_as_publish_errors():
+                event = await self._protector.seal(event)
         return event
 
     async def close(self) -> None:
