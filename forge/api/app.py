@@ -119,7 +119,7 @@ LetterId = Annotated[int, Field(strict=True, ge=1, le=2**63 - 1)]
 """A dead-letter id: a JSON integer, not a string or a boolean, that fits in 64 bits."""
 
 MAX_RETRY_IDS = 10_000
-"""Most ids in one retry request; retry more with `all` or several requests."""
+"""Maximum number of ids in one retry request. Retry more with `all` or several requests."""
 
 
 class RetryRequest(BaseModel):

@@ -716,8 +716,8 @@ def outbox_requeue(
     """Make rejected outbox rows pending again, once the cause is fixed; the relay sends them."""
     if not ids and not requeue_all:
         raise typer.BadParameter("give row ids, or --all to requeue every rejected row")
-    storable = None if requeue_all else [row_id for row_id in ids or [] if 0 < row_id < 2**63]
-    count = _run(lambda runtime: runtime.outbox.requeue_rejected(storable))
+    selected = None if requeue_all else list(ids or [])
+    count = _run(lambda runtime: runtime.outbox.requeue_rejected(selected))
     console.print(f"{count} row(s) requeued; the outbox relay publishes them.", highlight=False)
 
 

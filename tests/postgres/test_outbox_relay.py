@@ -690,8 +690,12 @@ async def test_cli_lists_and_requeues_rejected_rows(
     requeued = await forge("outbox", "requeue", str(row.id))
 
     assert listed[0] == 0, listed[2]
-    shown = json.loads(listed[1].splitlines()[0])
-    assert (shown["id"], shown["event_id"], shown["reason"]) == (row.id, str(event.id), "too large")
+    printed = json.loads(listed[1].splitlines()[0])
+    assert (printed["id"], printed["event_id"], printed["reason"]) == (
+        row.id,
+        str(event.id),
+        "too large",
+    )
     assert requeued[0] == 0, requeued[2]
     assert "1 row(s) requeued" in requeued[1]
     assert await outbox.rejected_count() == 0

@@ -14,7 +14,7 @@ from tests.helpers import wait_until
 
 
 class FakeConsumer:
-    """Counts runs; each run ends as `outcome` says."""
+    """A consumer that counts its runs and ends each run as `outcome` gives."""
 
     def __init__(self, outcome: str, runs: list[str]) -> None:
         self._outcome = outcome

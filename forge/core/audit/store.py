@@ -72,7 +72,7 @@ def decode_cursor(cursor: str) -> tuple[int, int]:
         padded = cursor + "=" * (-len(cursor) % 4)
         occurred, seq = base64.urlsafe_b64decode(padded.encode()).decode().split(":")
         position = int(occurred), int(seq)
-        # The time must be one that `datetime` holds (years 1 to 9999), and the sequence a
+        # The time must be one that `datetime` represents (years 1 to 9999), and the sequence a
         # 64-bit integer as both stores keep it; other values fail in the driver.
         if position[0] not in _CURSOR_MICROSECONDS or not -(2**63) <= position[1] < 2**63:
             raise ValueError("cursor out of range")

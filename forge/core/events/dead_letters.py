@@ -62,11 +62,11 @@ class DeadLetter:
 
 
 LETTER_ID_RANGE = range(-(2**63), 2**63)
-"""Ids the stores can hold: 64-bit signed integers. An id outside it names no letter."""
+"""Ids the stores keep: 64-bit signed integers, for dead letters and outbox rows alike."""
 
 
 def storable_ids(ids: Sequence[int]) -> list[int]:
-    """Return the ids of `ids` within `LETTER_ID_RANGE`; the others name no letter."""
+    """Return the ids of `ids` within `LETTER_ID_RANGE`, because the others name no row."""
     return [letter_id for letter_id in ids if letter_id in LETTER_ID_RANGE]
 
 

@@ -171,19 +171,11 @@ def check_group_id(group_id: str) -> None:
     """
     if not group_id:
         raise ValueError("group_id must not be empty")
-    if "\x00" in group_id or not _encodes(group_id):
+    if "\x00" in group_id or _encodable(group_id) is not group_id:
         raise ValueError(
             f"Invalid consumer group id {group_id!r}: it contains a NUL character or a lone "
             "surrogate, which the stores cannot hold. Use printable text."
         )
-
-
-def _encodes(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class HandlerRegistrations:
@@ -487,7 +479,10 @@ def error_repr(error: BaseException) -> str:
 
 
 def _encodable(text: str) -> str:
-    """Return `text` with lone surrogates, which UTF-8 cannot encode, escaped as `\\udxxx`."""
+    """Return `text` with lone surrogates, which UTF-8 cannot encode, escaped as `\\udxxx`.
+
+    A text without them is returned itself, not a copy.
+    """
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -522,7 +517,7 @@ def failure_details(error: BaseException) -> dict[str, str]:
         return {}
     lines = traceback.format_exception(error)
     # The last lines give the exception's type and message, and a message can be megabytes
-    # long: it is shortened first, so that the innermost frames above it are kept.
+    # long. It is shortened first, so that the innermost frames above it are kept.
     message_lines = len(traceback.format_exception_only(error))
     frames = _encodable("".join(lines[:-message_lines]))
     message = _shortened(_encodable("".join(lines[-message_lines:])), MAX_REASON_CHARS // 4)

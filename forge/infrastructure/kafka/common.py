@@ -180,8 +180,8 @@ async def find_unreadable(
     """Find the record that made aiokafka's `getmany` raise `error`, one that it cannot parse.
 
     Reads the failing partition one record per fetch up to the failure, so that the position
-    is then the unreadable record's offset; the caller handles the records read before it and
-    seeks past it. Returns None when the partition cannot be told from `error`.
+    is then the unreadable record's offset. The caller handles the records read before it and
+    seeks past it. Returns None when `error` does not show the partition.
 
     Raises:
         KafkaError: a fetch failed.
@@ -203,6 +203,7 @@ async def find_unreadable(
 
 
 def unreadable_reason(tp: TopicPartition, offset: int, error: BaseException) -> str:
+    """Return the dead-letter reason, or log message, for a record that aiokafka cannot read."""
     return (
         f"The Kafka client could not read record {offset} of {tp.topic} partition "
         f"{tp.partition}, or a record before it in the same record batch: {describe(error)}. "
@@ -214,9 +215,9 @@ def unreadable_reason(tp: TopicPartition, offset: int, error: BaseException) -> 
 def _failing_partition(error: BaseException) -> TopicPartition | None:
     """Return the partition whose records aiokafka was reading when `error` was raised.
 
-    NOTE: aiokafka does not name the partition in such errors. This reads the local variable
-    `tp` of the innermost frame that has one, which aiokafka 0.14's fetcher uses for the
-    partition it unpacks; with other versions it may return None.
+    NOTE: aiokafka does not name the partition in such errors, so this reads the local
+    variable `tp` of the innermost frame that has one. aiokafka 0.14's fetcher names the
+    partition it unpacks so, and with other versions this may return None.
     """
     found: TopicPartition | None = None
     trace = error.__traceback__
@@ -231,7 +232,8 @@ def _failing_partition(error: BaseException) -> TopicPartition | None:
 def _record_time(timestamp: int) -> datetime | None:
     """Return a Kafka timestamp in milliseconds as a UTC datetime, or None when it has none.
 
-    A producer sets the timestamp of its records, so it may be beyond what `datetime` holds.
+    A producer sets the timestamp of its records, so it may be beyond what `datetime` can
+    represent.
     """
     if timestamp < 0:
         return None

@@ -17,6 +17,7 @@ from uuid import UUID
 import orjson
 
 from forge.core.events.codec import EncodedEvent
+from forge.core.events.dead_letters import storable_ids
 from forge.core.events.outbox import OutboxRecord
 from forge.exceptions import StorageError
 from forge.infrastructure.postgres.database import (
@@ -159,8 +160,11 @@ class PostgresOutbox:
         ]
 
     async def requeue_rejected(self, ids: Sequence[int] | None = None) -> int:
-        if ids is not None and not ids:
-            return 0
+        if ids is not None:
+            # Row ids are 64-bit integers, and a larger one would fail in the driver.
+            ids = storable_ids(ids)
+            if not ids:
+                return 0
         sql = "UPDATE outbox SET rejected_at = NULL WHERE rejected_at IS NOT NULL"
         if ids is None:
             status = await self._database.execute(sql)

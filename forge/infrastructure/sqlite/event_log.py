@@ -121,7 +121,7 @@ def row_to_record(
 
 
 def _append_time(text: Any) -> datetime | None:
-    """Return a row's append time, or None when the column holds no ISO 8601 time."""
+    """Return a row's append time, or None when the column contains no ISO 8601 time."""
     try:
         return datetime.fromisoformat(text)
     except (TypeError, ValueError):
